@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import io
-from typing import Callable, Iterator, Sequence
+from typing import BinaryIO, Callable, Iterator, Sequence
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -44,13 +44,16 @@ def pil_to_rgb(img: Image.Image, where: str) -> np.ndarray:
     return to_rgb_array(np.asarray(img), where)
 
 
-def decode_image(data: bytes | str, where: str) -> np.ndarray:
-    """Decode one image file (a path or its bytes) to uint8 [H, W, 3]; corrupt files raise InputError."""
+_DECODE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+def decode_image(data: bytes | str | BinaryIO, where: str) -> np.ndarray:
+    """Decode one image file (path, bytes or open binary file) to uint8 [H, W, 3]; corrupt -> InputError."""
     try:
         with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as img:
             img.load()
             return pil_to_rgb(img, where)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except _DECODE_ERRORS as exc:
         raise InputError(where, f"unreadable or corrupt image ({exc.__class__.__name__}: {exc})") from None
 
 
@@ -79,6 +82,7 @@ class ImageSource:
     """
 
     name: str
+    kind: str = "images"  # what the source is, for describe(): "cifar10 train", "image folder", ...
     files: list[str]
     labels: np.ndarray | None = None
     class_names: list[str] | None = None
@@ -157,6 +161,8 @@ class FileSource(ImageSource):
         self.labels = labels
         self.class_names = class_names
         self.resolution = resolution
+        if not files:
+            raise InputError(name, "no images found")
         if resolution:
             self.shape = (resolution, resolution, 3)
         else:
@@ -184,11 +190,11 @@ class FileSource(ImageSource):
         return out
 
 
-def image_size(data: bytes | str, where: str) -> tuple[int, int]:
+def image_size(data: bytes | str | BinaryIO, where: str) -> tuple[int, int]:
     """(H, W) of an image file from its header, without decoding the pixels."""
     try:
         with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as img:
             w, h = img.size
             return h, w
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except _DECODE_ERRORS as exc:
         raise InputError(where, f"unreadable or corrupt image ({exc.__class__.__name__}: {exc})") from None

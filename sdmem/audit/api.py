@@ -1,0 +1,171 @@
+"""`audit()`: the Python face of `sdmem audit`, returning an :class:`AuditReport`."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+
+from ..data import ArraySource, ImageSource, open_source
+from ..errors import InputError
+from . import report as rep
+from .knn import search_top2
+from .replicas import bootstrap_interval, distance_ratio, parse_threshold, replica_flags, rms_distance
+
+GRID_MAX = 32  # replicas shown in replicas.png (two rows of 16 pairs)
+
+
+@dataclass
+class AuditReport:
+    """Everything an audit found; ``summary()`` is what summary.json holds."""
+
+    train: ImageSource
+    generated: ImageSource
+    threshold: Fraction
+    backend: str
+    device: str
+    seconds: float
+    num_distinct_train: int
+    num_duplicates: int
+    nn1_index: np.ndarray
+    nn2_index: np.ndarray
+    nn1_distance: np.ndarray
+    nn2_distance: np.ndarray
+    ratio: np.ndarray
+    replica: np.ndarray
+    ci95: tuple[float, float] = field(default=(float("nan"), float("nan")))
+
+    @property
+    def memorization_ratio(self) -> float:
+        return float(np.mean(self.replica)) if len(self.replica) else float("nan")
+
+    @property
+    def knn_distance(self) -> float:
+        """Mean distance to the nearest training image (paper Eq. 63), RMS in 0–255 units."""
+        return float(np.mean(self.nn1_distance)) if len(self.nn1_distance) else float("nan")
+
+    @property
+    def num_replicas(self) -> int:
+        return int(np.sum(self.replica))
+
+    def summary(self) -> dict:
+        h, w, c = self.train.shape
+        return {
+            "memorization_ratio": self.memorization_ratio,
+            "memorization_ratio_ci95": list(self.ci95),
+            "knn_distance": self.knn_distance,
+            "num_generated": len(self.generated),
+            "num_train": len(self.train),
+            "num_train_distinct": self.num_distinct_train,
+            "num_train_duplicates": self.num_duplicates,
+            "num_replicas": self.num_replicas,
+            "threshold": float(self.threshold),
+            "threshold_exact": str(self.threshold),
+            "distance": "RMS per-pixel l2 in 0-255 units, ||a-b||_2 / sqrt(C*H*W)",
+            "image_shape": [h, w, c],
+            "backend": self.backend,
+            "device": self.device,
+            "seconds": round(self.seconds, 3),
+            "train_source": self.train.name,
+            "generated_source": self.generated.name,
+        }
+
+    def one_line(self) -> str:
+        lo, hi = self.ci95
+        return (f"memorization ratio {100 * self.memorization_ratio:.2f}% "
+                f"[95% CI {100 * lo:.2f}-{100 * hi:.2f}] ({self.num_replicas}/{len(self.generated)} replicas), "
+                f"KNN distance {self.knn_distance:.3f}, train {len(self.train)} images "
+                f"({self.num_duplicates} duplicates), {self.backend}/{self.device}, {self.seconds:.1f} s")
+
+    def per_sample(self) -> dict[str, np.ndarray | list]:
+        return {"index": np.arange(len(self.generated)), "file": self.generated.files,
+                "nn1_index": self.nn1_index, "nn1_distance": self.nn1_distance, "nn2_index": self.nn2_index,
+                "nn2_distance": self.nn2_distance, "ratio": self.ratio, "replica": self.replica}
+
+    def grid(self, max_pairs: int = GRID_MAX) -> tuple[np.ndarray, int]:
+        """The strongest replicas (lowest d1/d2) above their nearest training images; if there are none,
+        the closest non-replicas. Returns (image, how many shown are replicas)."""
+        order = np.lexsort((np.arange(len(self.ratio)), self.ratio))[:max_pairs]
+        top = self.generated.read(np.sort(order))
+        pos = {i: k for k, i in enumerate(np.sort(order))}
+        top = top[[pos[i] for i in order]]
+        nn = self.nn1_index[order]
+        uniq, inv = np.unique(nn, return_inverse=True)
+        bottom = self.train.read(uniq)[inv]
+        return rep.image_grid(top, bottom), int(np.sum(self.replica[order]))
+
+    def save(self, out_dir: str | os.PathLike) -> list[Path]:
+        """Write summary.json, per_sample.csv, replicas.png and ratio_hist.png into out_dir."""
+        summary = self.summary()
+        grid, shown = self.grid() if len(self.generated) else (None, 0)
+        summary["grid"] = {"file": "replicas.png", "pairs": int(min(GRID_MAX, len(self.generated))),
+                           "replicas_shown": shown,
+                           "layout": "top row generated, bottom row its nearest training image"}
+        title = (f"{len(self.ratio)} generated: {self.num_replicas} replicas "
+                 f"({100 * self.memorization_ratio:.2f}%)")
+        writers = {
+            "summary.json": lambda p: rep.write_json(p, summary),
+            "per_sample.csv": lambda p: rep.write_per_sample_csv(p, self.per_sample()),
+            "ratio_hist.png": lambda p: rep.write_histogram(p, self.ratio, float(self.threshold), title=title),
+        }
+        if grid is not None:
+            writers["replicas.png"] = lambda p: rep.write_png(p, grid)
+        return rep.write_outputs(out_dir, writers)
+
+
+def as_source(src, *, resolution: int | None, what: str) -> ImageSource:
+    """A SRC string/path, an ImageSource or a uint8 array -> ImageSource."""
+    if isinstance(src, ImageSource):
+        return src
+    if isinstance(src, np.ndarray):
+        return ArraySource(what, src, resolution=resolution)
+    return open_source(src, resolution=resolution)
+
+
+def audit(train, generated, *, out: str | os.PathLike | None = None, backend: str = "auto",
+          device: str = "auto", threshold: str | float | Fraction = "1/3", resolution: int | None = None,
+          dedup: bool = True, progress: bool = True, bootstrap_seed: int = 0) -> AuditReport:
+    """Audit generated images against a training set with the paper's replica rule.
+
+    Args:
+        train, generated: an image SRC (folder, npz, EDM zip/folder, CIFAR archive, Imagenette, ``hf:``),
+            an :class:`ImageSource`, or a uint8 array [N, H, W, C].
+        out: when given, the folder that receives summary.json, per_sample.csv and the pictures.
+        backend: ``auto`` | ``int8`` | ``faiss`` | ``torch``; device: ``auto`` | ``cpu`` | ``cuda``.
+        threshold: replica iff d1/d2 < threshold (strict), default 1/3.
+        resolution: centre-crop and Lanczos-resize both sets to this square size.
+        dedup: search over distinct training images (exact duplicates would give d1 = d2).
+    """
+    t = parse_threshold(threshold)
+    if resolution is not None and (not isinstance(resolution, int) or resolution <= 0):
+        raise InputError("--resolution", f"expected a positive integer, got {resolution!r}")
+    train_src = as_source(train, resolution=resolution, what="train")
+    gen_src = as_source(generated, resolution=resolution, what="generated")
+    if len(gen_src) == 0:
+        raise InputError(gen_src.name, "holds no images")
+    if gen_src.shape != train_src.shape:
+        gh, gw, _ = gen_src.shape
+        th, tw, _ = train_src.shape
+        raise InputError(gen_src.name, f"generated images are {gw}x{gh} but training images ({train_src.name}) "
+                                       f"are {tw}x{th}; pass --resolution R to compare both at R x R")
+    start = time.perf_counter()
+    queries = gen_src.load()
+    top2 = search_top2(queries, train_src, backend=backend, device=device, dedup=dedup, progress=progress)
+    seconds = time.perf_counter() - start
+    flags = replica_flags(top2.sqdist, t)
+    result = AuditReport(
+        train=train_src, generated=gen_src, threshold=t, backend=top2.backend, device=top2.device,
+        seconds=seconds, num_distinct_train=top2.num_distinct, num_duplicates=top2.num_train - top2.num_distinct,
+        nn1_index=top2.index[:, 0], nn2_index=top2.index[:, 1],
+        nn1_distance=rms_distance(top2.sqdist[:, 0], train_src.dim),
+        nn2_distance=rms_distance(top2.sqdist[:, 1], train_src.dim),
+        ratio=distance_ratio(top2.sqdist), replica=flags,
+        ci95=bootstrap_interval(flags, seed=bootstrap_seed),
+    )
+    if out is not None:
+        result.save(out)
+    return result
