@@ -143,7 +143,9 @@ class ArraySource(ImageSource):
         if self.resolution:
             block = np.stack([center_crop_resize(im, self.resolution) for im in block]) if len(block) else \
                 np.zeros((0, *self.shape), np.uint8)
-        return np.ascontiguousarray(block)
+        block = np.ascontiguousarray(block)
+        # a fresh, writable array: never a view that would let a caller change (or fail to write) the source
+        return block.copy() if np.may_share_memory(block, self._images) else block
 
 
 class FileSource(ImageSource):

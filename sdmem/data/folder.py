@@ -43,7 +43,7 @@ def select_images(all_files: list[str], where: str, *, what: str = "folder") -> 
         if not all_files:
             raise InputError(where, f"{what} is empty")
         sample = ", ".join(all_files[:3]) + (", ..." if len(all_files) > 3 else "")
-        raise InputError(where, f"no supported images among {len(all_files)} files ({sample}); supported extensions: "
+        raise InputError(where, f"no supported images among {len(all_files)} file(s) ({sample}); supported extensions: "
                                 f"{', '.join(SUPPORTED_IMAGE_EXTENSIONS)} (any case)")
     return files
 
@@ -57,8 +57,9 @@ def folder_labels(files: list[str], where: str) -> tuple[np.ndarray, list[str]]:
     """Label = index of the first sub-folder in the sorted first-level folder names."""
     at_root = [f for f in files if "/" not in f]
     if at_root:
-        raise InputError(where, f"labels need every image inside a class sub-folder, but {at_root[0]} "
-                                f"(and {len(at_root) - 1} more) is directly in the folder")
+        more = f" and {len(at_root) - 1} more images are" if len(at_root) > 1 else " is"
+        raise InputError(where, f"labels need every image inside a class sub-folder, but {at_root[0]}{more} "
+                                "directly in the folder")
     firsts = [f.split("/", 1)[0] for f in files]
     class_names = sorted(set(firsts))
     index = {c: k for k, c in enumerate(class_names)}
