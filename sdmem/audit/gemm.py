@@ -19,13 +19,18 @@ def sqnorms(x: torch.Tensor) -> torch.Tensor:
 
 
 def sqdist(q: torch.Tensor, db: torch.Tensor, q_sqn: torch.Tensor | None = None,
-           db_sqn: torch.Tensor | None = None) -> torch.Tensor:
+           db_sqn: torch.Tensor | None = None, *, out: torch.Tensor | None = None) -> torch.Tensor:
     """Squared l2 distances [Q, N] between float rows, ||q||² + ||x||² − 2 q·x, clamped at 0.
 
     One GEMM (``addmm``) plus a broadcast add; pass precomputed row norms to skip recomputing them.
+    ``out`` (contiguous [Q, N], q's dtype) receives the result: reusing one buffer across blocks avoids
+    page-faulting a fresh tens-of-MB output per call on CPU (~5% of an fp32 GEMM).
     """
     q_sqn = sqnorms(q) if q_sqn is None else q_sqn
     db_sqn = sqnorms(db) if db_sqn is None else db_sqn
-    d = torch.addmm(db_sqn.unsqueeze(0), q, db.T, beta=1.0, alpha=-2.0)
+    if out is None:
+        d = torch.addmm(db_sqn.unsqueeze(0), q, db.T, beta=1.0, alpha=-2.0)
+    else:
+        d = torch.addmm(db_sqn.unsqueeze(0), q, db.T, beta=1.0, alpha=-2.0, out=out)
     d.add_(q_sqn.unsqueeze(1))
     return d.clamp_(min=0)
