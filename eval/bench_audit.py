@@ -131,10 +131,26 @@ def build_rows(args, queries: np.ndarray, train: np.ndarray) -> list[Row]:
                     continue  # CPU faiss is already timed
             rows.append((f"search_top2 {backend} ({dev})",
                          lambda b=backend, d=dev: search_top2(queries, train, backend=b, device=d).index))
-    # The lead adds the end-to-end command here, e.g.:
-    #   train_npz, gen_npz = save_npz(tmpdir, queries, train)
-    #   rows.append(("sdmem audit (CLI)", lambda: time_cli_audit(train_npz, gen_npz)))
+    # The whole `sdmem audit` command (process start, npz reading, dedup, search, report files).
+    if not args.no_cli:
+        train_npz, gen_npz = save_npz(args.workdir, queries, train)
+        for dev in devices:
+            rows.append((f"sdmem audit command ({dev})",
+                         lambda dev=dev: time_cli_audit(train_npz, gen_npz, dev, os.path.join(args.workdir, "out"))))
     return rows
+
+
+def time_cli_audit(train_npz: str, gen_npz: str, device: str, out: str) -> np.ndarray:
+    """Run `python -m sdmem audit` end to end in a subprocess; returns its nn1/nn2 indices."""
+    import csv
+    import subprocess
+
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    subprocess.run([sys.executable, "-m", "sdmem", "audit", "--train", train_npz, "--generated", gen_npz,
+                    "--out", out, "--device", device, "--quiet"], check=True, env=env)
+    with open(os.path.join(out, "per_sample.csv")) as f:
+        return np.array([[int(r["nn1_index"]), int(r["nn2_index"])] for r in csv.DictReader(f)])
 
 
 def run_rows(rows: list[Row], repeat: int = 1) -> list[tuple[str, float, np.ndarray | None]]:
@@ -178,6 +194,9 @@ def main(argv=None) -> None:
     p.add_argument("--small", action="store_true", help="1k x 5k x 3072")
     p.add_argument("--backends", nargs="+", default=["int8", "faiss", "torch"])
     p.add_argument("--no-baseline", action="store_true")
+    p.add_argument("--no-cli", action="store_true", help="skip the end-to-end `sdmem audit` command row")
+    p.add_argument("--workdir", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "sdmem-bench-audit"),
+                   help="where the npz files of the command row go")
     p.add_argument("--devices", nargs="+", default=None, choices=["cpu", "cuda"],
                    help="default: cpu, plus cuda when torch sees a GPU")
     p.add_argument("--seed", type=int, default=0)
