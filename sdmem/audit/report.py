@@ -90,12 +90,13 @@ def write_png(path: Path, image: np.ndarray) -> None:
 
 def write_histogram(path: Path, ratio: np.ndarray, threshold: float, *, title: str = "") -> None:
     """Histogram of d1/d2 over the generated images with the replica threshold marked."""
-    import matplotlib
+    # The object-oriented Agg API: no pyplot import (≈0.8 s) and no global figure state.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=120)
+    fig = Figure(figsize=(6, 3.6), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
     ax.hist(np.clip(ratio, 0, 1), bins=np.linspace(0, 1, 51), color="#4477aa", edgecolor="white", linewidth=0.4)
     ax.axvline(threshold, color="#cc3311", linestyle="--", linewidth=1.5,
                label=f"threshold {threshold:.3g} (replica if d1/d2 < it)")
@@ -106,4 +107,3 @@ def write_histogram(path: Path, ratio: np.ndarray, threshold: float, *, title: s
     ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
     fig.savefig(path, format="png")
-    plt.close(fig)
