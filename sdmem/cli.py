@@ -98,6 +98,81 @@ def _run_demo(args) -> int:
     return 0
 
 
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train (or resume) a run from a YAML config",
+                       description="Trains the run a config describes; re-running the same command resumes it. "
+                                   "Also works under `accelerate launch -m sdmem train CONFIG`.")
+    p.add_argument("config", metavar="CONFIG", help="YAML run config (kind: edm)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key by its dotted path (repeatable), e.g. --set data.size=1000")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config as JSON (with num_params)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_run_train)
+
+
+def _run_train(args) -> int:
+    import json
+
+    from .config import load_config
+    from .edm.train import dry_run, train
+
+    cfg = load_config(args.config, args.overrides)
+    if args.dry_run:
+        print(json.dumps(dry_run(cfg), indent=2))
+        return 0
+    summary = train(cfg, progress=not args.quiet)
+    best = summary.get("best")
+    line = f"trained {summary['steps']} steps ({summary['epochs']:.1f} epochs) on {summary['num_train']} images"
+    if best:
+        line += (f"; highest memorization ratio {100 * best['memorization_ratio']:.2f}% at epoch {best['epoch']}"
+                 f" (KNN distance {best['knn_distance']:.3f})")
+    print(line + f"; run folder {summary['out_dir']}")
+    return 0
+
+
+def _seed_range(text: str) -> tuple[int, int]:
+    try:
+        a, _, b = text.partition("-")
+        lo, hi = int(a), int(b) if b else int(a)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seeds: expected A-B (e.g. 0-9999), got {text!r}") from None
+    if lo < 0 or hi < lo:
+        raise argparse.ArgumentTypeError(f"--seeds: expected 0 <= A <= B, got {text!r}")
+    return lo, hi
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="sample a trained run's EMA snapshot with the EDM Heun sampler",
+                       description="One PNG per seed ({seed:06d}.png); existing files are skipped, so it resumes.")
+    p.add_argument("run", metavar="RUN", help="run folder (out_dir of sdmem train)")
+    p.add_argument("--num", type=_positive_int("--num"), metavar="N", help="images (seeds 0..N-1 unless --seeds)")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--snapshot", default="latest", help="latest or an epoch number K")
+    p.add_argument("--seeds", type=_seed_range, metavar="A-B", help="inclusive seed range")
+    p.add_argument("--class", dest="class_label", default="random", metavar="C|random",
+                   help="class label for conditional runs (default: random per seed)")
+    p.add_argument("--batch", type=_positive_int("--batch"), default=256)
+    p.add_argument("--steps", type=_positive_int("--steps"), default=18)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_run_generate)
+
+
+def _run_generate(args) -> int:
+    from .edm.generate import generate_run
+
+    if args.seeds is None and args.num is None:
+        raise InputError("--num", "give --num N or --seeds A-B")
+    lo, hi = args.seeds if args.seeds else (0, args.num - 1)
+    if args.seeds and args.num is not None and args.num != hi - lo + 1:
+        raise InputError("--num", f"--num {args.num} disagrees with --seeds {lo}-{hi} ({hi - lo + 1} seeds)")
+    written = generate_run(args.run, args.out, seeds=list(range(lo, hi + 1)), snapshot=args.snapshot,
+                           class_label=args.class_label, batch=args.batch, steps=args.steps, device=args.device,
+                           progress=not args.quiet)
+    print(f"{hi - lo + 1} images (seeds {lo}-{hi}, {written} new) in {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -107,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_audit(sub)
     _add_optimum(sub)
     _add_demo(sub)
+    _add_train(sub)
+    _add_generate(sub)
     return parser
 
 

@@ -118,7 +118,7 @@ class TrainConfig(_Section):
     lr: float = _f(2e-4, gt=0.0)
     weight_decay: float = _f(0.0, ge=0.0)  # L2 penalty (Sec. 5)
     warmup_epochs: int = _f(200, ge=0)  # linear LR and EMA ramp, epoch-wise (Appendix B)
-    ema_rate: float = _f(0.99929, gt=0.0, lt=1.0)  # per optimizer step of 512 images (EDM's 500 kimg half-life)
+    ema_rate: float = _f(0.99929, ge=0.0, lt=1.0)  # per optimizer step of 512 images (EDM's 500 kimg half-life)
     precision: Literal["fp32", "tf32", "bf16"] = _f("fp32")
     snapshot_epochs: int = _f(1000, ge=1, training=False)  # EMA snapshot (+ memorization tracking)
     checkpoint_epochs: int = _f(500, ge=1, training=False)  # full resumable state

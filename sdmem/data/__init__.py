@@ -13,7 +13,7 @@ __all__ = ["ArraySource", "FileSource", "ImageSource", "SUPPORTED_IMAGE_EXTENSIO
 
 FORMATS = ("a folder of images (" + ", ".join(SUPPORTED_IMAGE_EXTENSIONS) + "), an .npz/.npy of uint8 images, "
            "an EDM dataset (.zip or folder with dataset.json), CIFAR-10 (cifar-10-python.tar.gz or "
-           "cifar-10-batches-py/), an Imagenette folder, or hf:NAME[:SPLIT]")
+           "cifar-10-batches-py/), an Imagenette folder, an sdmem run folder, or hf:NAME[:SPLIT]")
 
 
 def open_source(src: str | os.PathLike, *, resolution: int | None = None, labels: bool = False,
@@ -46,7 +46,12 @@ def open_source(src: str | os.PathLike, *, resolution: int | None = None, labels
     elif os.path.isdir(name):
         from .cifar import find_batches_folder
         from .imagenette import looks_like_imagenette
-        if find_batches_folder(name):
+        if os.path.isfile(os.path.join(name, "subset.npz")) and os.path.isfile(os.path.join(name, "config.json")):
+            # A training run folder (sdmem train): its exact training subset D, at the training resolution.
+            from .npz import open_npz
+            source = open_npz(os.path.join(name, "subset.npz"), **_no_split(name, split, kw))
+            source.kind = "run subset"
+        elif find_batches_folder(name):
             from .cifar import open_cifar10
             source = open_cifar10(name, split=split, **kw)
         elif os.path.isfile(os.path.join(name, "dataset.json")):

@@ -1,0 +1,129 @@
+"""An EDM run folder: its files, the denoiser its config describes, and EMA snapshots (safetensors)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from ..config import EDMConfig, config_from_dict, config_to_dict, network_kwargs
+from ..errors import InputError
+from .precond import PRECONDS
+
+SNAPSHOT_FORMAT = "sdmem-edm-snapshot/1"
+CHECKPOINT_FORMAT = "sdmem-edm-checkpoint/1"
+_SNAPSHOT_RE = re.compile(r"^ema-(\d{7})\.safetensors$")
+
+
+class RunPaths:
+    """Where a run keeps each of its files."""
+
+    def __init__(self, run_dir: str | os.PathLike):
+        self.root = Path(run_dir)
+        self.config = self.root / "config.json"
+        self.checkpoint = self.root / "checkpoint.safetensors"
+        self.snapshots = self.root / "snapshots"
+        self.tracking = self.root / "tracking.jsonl"
+        self.best = self.root / "best.json"
+        self.log = self.root / "log.jsonl"
+        self.tensorboard = self.root / "tensorboard"
+
+    def snapshot(self, epoch: int) -> Path:
+        return self.snapshots / f"ema-{epoch:07d}.safetensors"
+
+    def list_snapshots(self) -> dict[int, Path]:
+        """{epoch: path} of the EMA snapshots present, in epoch order."""
+        if not self.snapshots.is_dir():
+            return {}
+        found = {int(m.group(1)): p for p in self.snapshots.iterdir() if (m := _SNAPSHOT_RE.match(p.name))}
+        return dict(sorted(found.items()))
+
+
+def is_run_dir(path: str | os.PathLike) -> bool:
+    p = Path(path)
+    return p.is_dir() and (p / "config.json").is_file() and (p / "subset.npz").is_file()
+
+
+def build_denoiser(cfg: EDMConfig, img_resolution: int, label_dim: int) -> torch.nn.Module:
+    """The preconditioned network D(x; σ, labels) the config describes (Karras et al. 2022, Table 1)."""
+    precision = cfg.train.precision
+    return PRECONDS[cfg.model.precond](img_resolution, 3, label_dim, arch=cfg.model.arch,
+                                       use_bf16=precision == "bf16", **network_kwargs(cfg))
+
+
+def atomic_save_file(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """safetensors write to a temporary name, fsync, then rename: a kill leaves the old file or the new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def read_safetensors(path: Path, expected_format: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of an sdmem safetensors file; a foreign or corrupt file is an InputError."""
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise InputError(path, f"corrupt or unreadable safetensors file ({exc}); it was left as it is") from None
+    if meta.get("format") != expected_format:
+        raise InputError(path, f"not an sdmem file of format {expected_format} (found {meta.get('format')!r}); "
+                               "refusing to use or overwrite it")
+    return tensors, meta
+
+
+def save_snapshot(path: Path, ema: torch.nn.Module, cfg: EDMConfig, *, epoch: int, step: int, nimg: int,
+                  img_resolution: int, label_dim: int) -> None:
+    """EMA weights for inference, with the config in the metadata."""
+    meta = {"format": SNAPSHOT_FORMAT, "config": json.dumps(config_to_dict(cfg)), "epoch": str(epoch),
+            "step": str(step), "nimg": str(nimg), "img_resolution": str(img_resolution), "label_dim": str(label_dim)}
+    atomic_save_file(ema.state_dict(), path, meta)
+
+
+def load_snapshot(path: Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, EDMConfig, dict]:
+    """(denoiser in eval mode, config, metadata) from an EMA snapshot."""
+    tensors, meta = read_safetensors(path, SNAPSHOT_FORMAT)
+    cfg = config_from_dict(EDMConfig, json.loads(meta["config"]), str(path))
+    net = build_denoiser(cfg, int(meta["img_resolution"]), int(meta["label_dim"]))
+    missing, unexpected = net.load_state_dict(tensors, strict=False)
+    if missing or unexpected:
+        raise InputError(path, f"weights do not fit the network of its config (missing {missing[:3]}, "
+                               f"unexpected {unexpected[:3]})")
+    return net.eval().requires_grad_(False).to(device), cfg, meta
+
+
+def resolve_snapshot(run_dir: str | os.PathLike, which: str = "latest") -> Path:
+    """The snapshot file for ``latest`` or an epoch number K."""
+    paths = RunPaths(run_dir)
+    snaps = paths.list_snapshots()
+    if not snaps:
+        raise InputError(run_dir, "holds no EMA snapshots yet (snapshots/ema-*.safetensors); train longer or "
+                                  "lower train.snapshot_epochs")
+    if which == "latest":
+        return snaps[max(snaps)]
+    try:
+        epoch = int(which)
+    except ValueError:
+        raise InputError("--snapshot", f"expected latest or an epoch number, got {which!r}") from None
+    if epoch not in snaps:
+        raise InputError("--snapshot", f"no snapshot at epoch {epoch} in {run_dir}; present: {list(snaps)}")
+    return snaps[epoch]

@@ -1,0 +1,323 @@
+"""The EDM training loop of the paper's Appendix B: epochs, LR/EMA warm-up, EMA, snapshots, tracking, resume.
+
+Randomness is a pure function of (seed, rank, step): the minibatch order comes from per-epoch seeded
+permutations and the noise/dropout generators are re-seeded every step, so a resumed run needs only the
+weights, the EMA, the optimizer state and the step count to continue exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..config import EDMConfig, config_from_dict, config_hash, config_to_dict, diff_configs, training_keys
+from ..data import ArraySource
+from ..data.subset import Subset, build_subset, load_subset, save_subset
+from ..errors import InputError, SdmemError
+from .loss import LOSSES
+from .run import (CHECKPOINT_FORMAT, RunPaths, atomic_save_file, atomic_write_text, build_denoiser,
+                  read_safetensors, save_snapshot)
+from .generate import generate_images
+
+EMA_REF_BATCH = 512  # train.ema_rate is per optimizer step of this many images
+
+
+@dataclass
+class Schedule:
+    """Step counts and the epoch-based cadences of one run (|D| = num_train, batch = images per step)."""
+
+    num_train: int
+    batch: int
+    epochs: int
+    warmup_epochs: int
+    snapshot_epochs: int
+    checkpoint_epochs: int
+
+    @property
+    def total_steps(self) -> int:
+        return math.ceil(self.epochs * self.num_train / self.batch)
+
+    def epoch(self, step: int) -> float:
+        return step * self.batch / self.num_train
+
+    def crosses(self, step: int, every: int) -> bool:
+        """True when the optimizer step ``step`` (1-based count after it) passes a multiple of ``every`` epochs."""
+        per = every * self.num_train
+        return (step * self.batch) // per > ((step - 1) * self.batch) // per or step == self.total_steps
+
+    def ramp(self, step: int) -> float:
+        """Linear warm-up factor in [0, 1] over the first warmup_epochs, by images seen after this step."""
+        if self.warmup_epochs == 0:
+            return 1.0
+        return min((step + 1) * self.batch / (self.warmup_epochs * self.num_train), 1.0)
+
+
+def ema_beta(ema_rate: float, batch: int, ramp: float) -> float:
+    """EMA decay for one step of ``batch`` images: ema_rate per 512 images, its half-life ramped in warm-up."""
+    if ema_rate == 0:
+        return 0.0
+    halflife_nimg = EMA_REF_BATCH * math.log(0.5) / math.log(ema_rate)
+    return 0.5 ** (batch / max(halflife_nimg * ramp, 1e-8))
+
+
+def batch_indices(step: int, batch: int, num_train: int, seed: int) -> np.ndarray:
+    """The images of optimizer step ``step``: positions [step·B, (step+1)·B) of a stream of per-epoch
+    seeded permutations, so every image is drawn equally often (Appendix B)."""
+    start = step * batch
+    out = np.empty(batch, np.int64)
+    filled = 0
+    while filled < batch:
+        epoch, offset = divmod(start + filled, num_train)
+        perm = np.random.default_rng([seed, epoch]).permutation(num_train)
+        take = min(batch - filled, num_train - offset)
+        out[filled : filled + take] = perm[offset : offset + take]
+        filled += take
+    return out
+
+
+def _step_seed(seed: int, rank: int, step: int) -> int:
+    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def _make_accelerator(cfg: EDMConfig, paths: RunPaths):
+    from accelerate import Accelerator
+
+    try:
+        import tensorboard  # noqa: F401
+        log_with = "tensorboard"
+    except ImportError:
+        log_with = None
+    acc = Accelerator(cpu=not torch.cuda.is_available(), log_with=log_with, project_dir=str(paths.root))
+    return acc
+
+
+def _check_run_folder(cfg: EDMConfig, paths: RunPaths) -> None:
+    """Refuse a folder of another run (training keys differ) or one that is not an sdmem run at all."""
+    if paths.config.exists():
+        try:
+            stored = config_from_dict(EDMConfig, json.loads(paths.config.read_text()), str(paths.config))
+        except (json.JSONDecodeError, InputError) as exc:
+            raise InputError(paths.config, f"unreadable run config ({exc}); refusing to reuse this folder") from None
+        keys = [k for k in diff_configs(stored, cfg) if k in training_keys(EDMConfig)]
+        if keys:
+            raise InputError(paths.root, "holds a run trained with a different config (" + ", ".join(
+                f"{k}" for k in keys) + " differ); use another out_dir or the original settings")
+    elif paths.root.exists() and any(p.name != "tensorboard" for p in paths.root.iterdir()):
+        raise InputError(paths.root, "exists, is not empty and is not an sdmem run folder (no config.json); "
+                                     "refusing to write into it")
+
+
+def _load_checkpoint(cfg: EDMConfig, paths: RunPaths, net, ema, optimizer) -> int:
+    """Restore weights, EMA and optimizer from the run's checkpoint; returns the step count (0 if none)."""
+    if not paths.checkpoint.exists():
+        return 0
+    tensors, meta = read_safetensors(paths.checkpoint, CHECKPOINT_FORMAT)
+    if meta.get("config_hash") != config_hash(cfg):
+        raise InputError(paths.checkpoint, "was written by a run with a different training config; "
+                                           "refusing to resume from it (it was left as it is)")
+    try:
+        net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
+        ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+        opt_meta = json.loads(meta["optimizer"])
+        state = {int(i): {name: tensors[f"opt.{i}.{name}"] for name in names} for i, names in opt_meta.items()}
+        sd = optimizer.state_dict()
+        sd["state"] = state
+        optimizer.load_state_dict(sd)
+    except (KeyError, RuntimeError, ValueError) as exc:
+        raise InputError(paths.checkpoint, f"does not fit this run's network/optimizer ({exc}); left as it is") \
+            from None
+    return int(meta["step"])
+
+
+def _save_checkpoint(cfg: EDMConfig, paths: RunPaths, net, ema, optimizer, step: int, nimg: int) -> None:
+    tensors = {f"net.{k}": v for k, v in net.state_dict().items()}
+    tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
+    names = {}
+    for i, st in optimizer.state_dict()["state"].items():
+        names[i] = sorted(st)
+        tensors.update({f"opt.{i}.{k}": torch.as_tensor(v) for k, v in st.items()})
+    meta = {"format": CHECKPOINT_FORMAT, "config_hash": config_hash(cfg), "step": str(step), "nimg": str(nimg),
+            "optimizer": json.dumps(names), "config": json.dumps(config_to_dict(cfg))}
+    atomic_save_file(tensors, paths.checkpoint, meta)
+
+
+def track_memorization(cfg: EDMConfig, paths: RunPaths, ema, subset: Subset, device, *, epoch: int, step: int,
+                       nimg: int) -> dict:
+    """Generate track.num_images with fixed seeds, audit them against D, log; keep the highest ratio."""
+    from ..audit.api import audit
+
+    seeds = list(range(cfg.track.seed, cfg.track.seed + cfg.track.num_images))
+    images = generate_images(ema, seeds, resolution=subset.images.shape[1], label_dim=subset.label_dim,
+                             device=device, batch=cfg.track.batch, steps=cfg.track.steps)
+    report = audit(ArraySource("D", np.asarray(subset.images)), images, backend=cfg.track.backend,
+                   progress=False)
+    row = {"epoch": epoch, "step": step, "nimg": nimg, "memorization_ratio": report.memorization_ratio,
+           "memorization_ratio_ci95": list(report.ci95), "knn_distance": report.knn_distance,
+           "num_generated": len(seeds), "time": time.time()}
+    with open(paths.tracking, "a") as f:
+        f.write(json.dumps(row) + "\n")
+    best = json.loads(paths.best.read_text()) if paths.best.exists() else None
+    if best is None or row["memorization_ratio"] > best["memorization_ratio"]:
+        atomic_write_text(paths.best, json.dumps(row, indent=2) + "\n")
+    return row
+
+
+def prepare(cfg: EDMConfig) -> tuple[RunPaths, Subset]:
+    """Check the run folder and build (or reload) the training subset D, writing nothing yet."""
+    paths = RunPaths(cfg.out_dir)
+    _check_run_folder(cfg, paths)
+    subset = load_subset(paths.root) if (paths.root / "subset.npz").exists() else build_subset(cfg.data)
+    return paths, subset
+
+
+def train(cfg: EDMConfig, *, progress: bool = True) -> dict:
+    """Train (or resume) the run of ``cfg``; returns a summary (steps, epochs, best tracked ratio)."""
+    paths, subset = prepare(cfg)
+    acc = _make_accelerator(cfg, paths)
+    device = acc.device
+    res, label_dim = subset.images.shape[1], subset.label_dim
+    sched = Schedule(len(subset), cfg.train.batch_size, cfg.train.epochs, cfg.train.warmup_epochs,
+                     cfg.train.snapshot_epochs, cfg.train.checkpoint_epochs)
+    world, rank = acc.num_processes, acc.process_index
+    if cfg.train.batch_size % world:
+        raise InputError("train.batch_size", f"must be divisible by the {world} processes")
+    per_rank = cfg.train.batch_size // world
+    batch_gpu = min(cfg.train.batch_gpu or per_rank, per_rank)
+    if per_rank % batch_gpu:
+        raise InputError("train.batch_gpu", f"must divide the per-process batch {per_rank}")
+    torch.backends.cuda.matmul.allow_tf32 = cfg.train.precision == "tf32"
+    torch.backends.cudnn.allow_tf32 = cfg.train.precision == "tf32"
+
+    # Build the network (seeded init), its EMA and Adam with the paper's L2 weight decay.
+    torch.manual_seed(cfg.seed)
+    net = build_denoiser(cfg, res, label_dim).to(device).train()
+    ema = copy.deepcopy(net).eval().requires_grad_(False)
+    optimizer = torch.optim.Adam(net.parameters(), lr=cfg.train.lr, betas=(0.9, 0.999), eps=1e-8,
+                                 weight_decay=cfg.train.weight_decay)
+    step = _load_checkpoint(cfg, paths, net, ema, optimizer)
+
+    # Now that everything checked out, write the run folder (config and the exact subset D).
+    if acc.is_main_process:
+        paths.root.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(paths.config, json.dumps(config_to_dict(cfg), indent=2) + "\n")
+        if not (paths.root / "subset.npz").exists():
+            save_subset(subset, paths.root)
+        acc.init_trackers("edm", config={k: str(v) for k, v in config_to_dict(cfg).items()})
+    acc.wait_for_everyone()
+
+    ddp_net = acc.prepare_model(net)
+    loss_fn = LOSSES[cfg.model.precond]()
+    images = torch.from_numpy(np.array(subset.images)).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1
+    labels = None if subset.labels is None else torch.from_numpy(np.asarray(subset.labels)).to(device)
+    gen = torch.Generator(device=device)
+    params = [p for p in net.parameters()]
+    ema_params = [p for p in ema.parameters()]
+    rounds = per_rank // batch_gpu
+
+    bar = tqdm(total=sched.total_steps, initial=step, disable=not (progress and acc.is_main_process),
+               desc="train", unit="step")
+    t_last = time.perf_counter()
+    while step < sched.total_steps:
+        # Learning rate and EMA decay for this step (linear warm-up over warmup_epochs).
+        ramp = sched.ramp(step)
+        for g in optimizer.param_groups:
+            g["lr"] = cfg.train.lr * ramp
+        beta = ema_beta(cfg.train.ema_rate, cfg.train.batch_size, ramp)
+
+        # Accumulate gradients over this rank's share of the global batch (EDM: sum over pixels / images).
+        idx = torch.from_numpy(batch_indices(step, cfg.train.batch_size, len(subset), cfg.seed))
+        idx = idx[rank * per_rank : (rank + 1) * per_rank].to(device)
+        s = _step_seed(cfg.seed, rank, step)
+        torch.manual_seed(s)
+        gen.manual_seed(s)
+        loss_total = torch.zeros((), device=device)
+        for r in range(rounds):
+            part = idx[r * batch_gpu : (r + 1) * batch_gpu]
+            sync = acc.no_sync(ddp_net) if (world > 1 and r < rounds - 1) else contextlib.nullcontext()
+            with sync:
+                loss = loss_fn(ddp_net, images[part], None if labels is None else labels[part], generator=gen)
+                loss = loss.sum()
+                loss.mul(1.0 / per_rank).backward()
+            loss_total += loss.detach()
+        loss_value = float(acc.reduce(loss_total, reduction="sum")) / cfg.train.batch_size
+        if not math.isfinite(loss_value):
+            optimizer.zero_grad(set_to_none=True)
+            last = f"the last good state is {paths.checkpoint}" if paths.checkpoint.exists() else \
+                "no checkpoint was written yet"
+            raise SdmemError(f"{paths.root}: the loss became {loss_value} at step {step} (epoch "
+                             f"{sched.epoch(step):.2f}); training stopped and {last} (left as it is)")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        # Update the EMA: ema <- beta·ema + (1 − beta)·net.
+        with torch.no_grad():
+            torch._foreach_lerp_(ema_params, [p.detach() for p in params], 1.0 - beta)
+        step += 1
+        nimg = step * cfg.train.batch_size
+        bar.update(1)
+
+        if step % cfg.train.log_every_steps == 0 or step == sched.total_steps:
+            now = time.perf_counter()
+            row = {"step": step, "nimg": nimg, "epoch": round(sched.epoch(step), 4), "loss": loss_value,
+                   "lr": cfg.train.lr * ramp, "ema_beta": beta, "sec": round(now - t_last, 3)}
+            t_last = now
+            if acc.is_main_process:
+                with open(paths.log, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+                acc.log({"loss": loss_value, "lr": row["lr"]}, step=step)
+                bar.set_postfix(loss=f"{loss_value:.4g}", epoch=f"{row['epoch']:.1f}")
+
+        # Snapshot the EMA (and audit its samples), then the full resumable state.
+        epoch = int(sched.epoch(step))
+        if sched.crosses(step, cfg.train.snapshot_epochs) and acc.is_main_process:
+            save_snapshot(paths.snapshot(epoch), ema, cfg, epoch=epoch, step=step, nimg=nimg,
+                          img_resolution=res, label_dim=label_dim)
+            if cfg.track.num_images:
+                row = track_memorization(cfg, paths, ema, subset, device, epoch=epoch, step=step, nimg=nimg)
+                acc.log({"memorization_ratio": row["memorization_ratio"], "knn_distance": row["knn_distance"]},
+                        step=step)
+                if progress:
+                    tqdm.write(f"epoch {epoch}: memorization ratio {100 * row['memorization_ratio']:.2f}%, "
+                               f"KNN distance {row['knn_distance']:.3f}")
+        if sched.crosses(step, cfg.train.checkpoint_epochs) and acc.is_main_process:
+            _save_checkpoint(cfg, paths, net, ema, optimizer, step, nimg)
+        if world > 1 and (sched.crosses(step, cfg.train.snapshot_epochs)
+                          or sched.crosses(step, cfg.train.checkpoint_epochs)):
+            acc.wait_for_everyone()
+    bar.close()
+
+    summary = {"out_dir": str(paths.root), "steps": step, "epochs": sched.epoch(step), "num_train": len(subset),
+               "label_dim": label_dim, "resolution": res}
+    if paths.best.exists():
+        summary["best"] = json.loads(paths.best.read_text())
+    _finish(acc)
+    return summary
+
+
+def _finish(acc) -> None:
+    """End cleanly: a barrier and destroy_process_group (end_training sometimes aborted a gloo rank)."""
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        for tracker in acc.trackers:
+            tracker.finish()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def dry_run(cfg: EDMConfig) -> dict:
+    """The resolved config with a top-level num_params (the subset is built to learn resolution and labels)."""
+    from ..config import num_params
+
+    _, subset = prepare(cfg)
+    res, label_dim = subset.images.shape[1], subset.label_dim
+    return {"num_params": num_params(cfg, res, label_dim), "resolution": res, "label_dim": label_dim,
+            "num_train": len(subset), **config_to_dict(cfg)}

@@ -1,0 +1,213 @@
+"""The EDM trainer: schedule, EMA, data order, tracking, exact resume after a kill, refusals, generation."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from sdmem.config import apply_overrides, load_config
+from sdmem.edm import train as train_mod
+from sdmem.edm.generate import generate_run
+from sdmem.edm.train import Schedule, batch_indices, ema_beta, train
+from sdmem.errors import InputError, SdmemError
+
+TINY = """
+kind: edm
+out_dir: {out}
+seed: 3
+data: {{source: builtin:digits, size: 32, num_classes: 2, labels: {labels}}}
+model: {{arch: ddpmpp, precond: edm, channels: 8, channel_mult: [1, 2], num_blocks: 1, attn_resolutions: [],
+        dropout: 0.1}}
+train: {{epochs: {epochs}, batch_size: 16, warmup_epochs: 2, ema_rate: 0.9, snapshot_epochs: 4,
+        checkpoint_epochs: 2, log_every_steps: 2}}
+track: {{num_images: {track}, batch: 16, steps: 4}}
+"""
+
+
+def tiny_config(tmp_path, name="run", *, labels="none", epochs=8, track=0, overrides=()):
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(TINY.format(out=tmp_path / name, labels=labels, epochs=epochs, track=track))
+    return load_config(path, overrides), path
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny nets: threads only add noise on a shared 2-core machine
+    yield
+    torch.set_num_threads(n)
+
+
+def test_schedule_ema_and_data_order():
+    s = Schedule(num_train=100, batch=32, epochs=10, warmup_epochs=2, snapshot_epochs=4, checkpoint_epochs=1)
+    assert s.total_steps == 32  # ceil(10·100 / 32)
+    assert s.ramp(0) == pytest.approx(32 / 200) and s.ramp(10) == 1.0
+    # Steady state: exactly ema_rate per 512 images; warm-up shortens the half-life.
+    assert ema_beta(0.99929, 512, 1.0) == pytest.approx(0.99929, abs=1e-12)
+    assert ema_beta(0.99929, 256, 1.0) == pytest.approx(0.99929 ** 0.5, abs=1e-12)
+    assert ema_beta(0.99929, 512, 0.1) < ema_beta(0.99929, 512, 1.0)
+    assert ema_beta(0.0, 512, 1.0) == 0.0
+    # Every image is drawn exactly once per epoch; order depends on the seed.
+    stream = np.concatenate([batch_indices(k, 32, 100, seed=0) for k in range(25)])  # 800 = 8 epochs
+    for e in range(8):
+        assert sorted(stream[e * 100 : (e + 1) * 100].tolist()) == list(range(100))
+    assert not np.array_equal(batch_indices(0, 32, 100, 0), batch_indices(0, 32, 100, 1))
+    snaps = [k for k in range(1, s.total_steps + 1) if s.crosses(k, 4)]
+    assert snaps == [13, 25, 32]  # epochs 4.16, 8.0, and the last step
+
+
+def test_train_tracks_snapshots_and_generates(tmp_path):
+    cfg, _ = tiny_config(tmp_path, labels="true", track=24)
+    summary = train(cfg, progress=False)
+    run = Path(cfg.out_dir)
+    assert summary["steps"] == 16 and summary["label_dim"] == 2
+    assert sorted(p.name for p in (run / "snapshots").iterdir()) == ["ema-0000004.safetensors",
+                                                                     "ema-0000008.safetensors"]
+    rows = [json.loads(line) for line in (run / "tracking.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [4, 8] and all(r["num_generated"] == 24 for r in rows)
+    best = json.loads((run / "best.json").read_text())
+    assert best["memorization_ratio"] == max(r["memorization_ratio"] for r in rows)
+    logs = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logs] == list(range(2, 17, 2)) and all(np.isfinite(r["loss"]) for r in logs)
+    assert logs[0]["lr"] < logs[-1]["lr"] == pytest.approx(2e-4)
+    # Generation: one PNG per seed, independent of the batch size, resumable, labels recorded.
+    n1 = generate_run(run, tmp_path / "g1", seeds=list(range(7)), batch=3, steps=4, device="cpu", progress=False)
+    n2 = generate_run(run, tmp_path / "g2", seeds=list(range(7)), batch=8, steps=4, device="cpu", progress=False)
+    assert n1 == n2 == 7
+    for k in range(7):
+        a = np.asarray(Image.open(tmp_path / "g1" / f"{k:06d}.png"))
+        assert np.array_equal(a, np.asarray(Image.open(tmp_path / "g2" / f"{k:06d}.png")))
+    assert set(json.loads((tmp_path / "g1" / "labels.json").read_text()).values()) <= {0, 1}
+    os.remove(tmp_path / "g1" / "000003.png")
+    assert generate_run(run, tmp_path / "g1", seeds=list(range(7)), batch=3, steps=4, device="cpu",
+                        progress=False) == 1
+    with pytest.raises(InputError, match="--class"):
+        generate_run(run, tmp_path / "g3", seeds=[0], class_label=5, steps=4, device="cpu", progress=False)
+    # The auditor takes the run folder as --train: exactly the saved subset D.
+    from sdmem.audit import audit
+    from sdmem.data.subset import load_subset
+    d = load_subset(run)
+    report = audit(run, np.asarray(d.images[:3]), progress=False)
+    assert report.replica.all() and report.nn1_index.tolist() == [0, 1, 2]
+
+
+def _weights(path):
+    return {k: v for k, v in load_file(str(path)).items() if k.startswith(("net.", "ema.", "opt."))}
+
+
+def _cli(*args, **kw):
+    return subprocess.Popen([sys.executable, "-m", "sdmem", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), **kw)
+
+
+def test_resume_after_kill_is_bitwise_equal(tmp_path):
+    epochs = 24
+    _, path_a = tiny_config(tmp_path, "a", epochs=epochs)
+    _, path_b = tiny_config(tmp_path, "b", epochs=epochs)
+    proc = _cli("train", path_a, "--quiet")
+    assert proc.wait(timeout=300) == 0, proc.stderr.read()
+    # Run b: killed (SIGKILL) once a checkpoint exists and before the end, then resumed by the same command.
+    proc = _cli("train", path_b, "--quiet")
+    ckpt = tmp_path / "b" / "checkpoint.safetensors"
+    deadline = time.time() + 240
+    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    step_killed = int(json.loads(load_file_meta(ckpt))["step"]) if ckpt.exists() else None
+    assert step_killed is not None and step_killed < 24
+    proc = _cli("train", path_b, "--quiet")
+    assert proc.wait(timeout=300) == 0, proc.stderr.read()
+    wa, wb = _weights(tmp_path / "a" / "checkpoint.safetensors"), _weights(ckpt)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+
+
+def load_file_meta(path):
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as f:
+        return json.dumps(f.metadata())
+
+
+def test_refusals_keep_files(tmp_path):
+    cfg, _ = tiny_config(tmp_path, epochs=2)
+    train(cfg, progress=False)
+    run = Path(cfg.out_dir)
+    ckpt = run / "checkpoint.safetensors"
+    # A training key changed: refuse, naming it.
+    with pytest.raises(InputError, match="train.lr"):
+        train(apply_overrides(cfg, ["train.lr=1e-3"]), progress=False)
+    # Only epochs changed: resumes and trains on.
+    assert train(apply_overrides(cfg, ["train.epochs=4"]), progress=False)["steps"] == 8
+    # A foreign and a corrupt checkpoint are refused and kept as they are.
+    save_file({"x": torch.zeros(2)}, str(ckpt), metadata={"format": "something-else"})
+    before = ckpt.read_bytes()
+    with pytest.raises(InputError, match="not an sdmem file"):
+        train(cfg, progress=False)
+    ckpt.write_bytes(b"garbage" * 10)
+    with pytest.raises(InputError, match="corrupt"):
+        train(cfg, progress=False)
+    assert ckpt.read_bytes() == b"garbage" * 10 and before != ckpt.read_bytes()
+    # A non-empty folder that is not a run.
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "x.txt").write_text("mine")
+    with pytest.raises(InputError, match="not an sdmem run folder"):
+        train(apply_overrides(cfg, [f"out_dir={tmp_path / 'other'}"]), progress=False)
+
+
+def test_nan_loss_stops_and_keeps_last_good_state(tmp_path, monkeypatch):
+    cfg, _ = tiny_config(tmp_path, epochs=6)
+    calls = {"n": 0}
+    real = train_mod.LOSSES["edm"]
+
+    class Poisoned(real):
+        def __call__(self, *a, **k):
+            calls["n"] += 1
+            loss = super().__call__(*a, **k)
+            return loss * float("nan") if calls["n"] > 9 else loss
+
+    monkeypatch.setitem(train_mod.LOSSES, "edm", Poisoned)
+    with pytest.raises(SdmemError, match="loss became nan at step 9"):
+        train(cfg, progress=False)
+    meta = json.loads(load_file_meta(Path(cfg.out_dir) / "checkpoint.safetensors"))
+    assert meta["step"] == "8"  # checkpoint every 2 epochs = 4 steps: the last good one
+
+
+def test_dry_run_and_bad_configs(tmp_path):
+    _, path = tiny_config(tmp_path)
+    out = subprocess.run([sys.executable, "-m", "sdmem", "train", str(path), "--dry-run",
+                          "--set", "model.channels=16"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    resolved = json.loads(out.stdout)
+    assert resolved["model"]["channels"] == 16 and resolved["num_params"] > 0
+    assert not (tmp_path / "run").exists()
+    for override, fragment in [("data.size=5000", "data.size"), ("data.num_classes=20", "data.num_classes"),
+                               ("model.skip_mask=[true]", "model.skip_mask"), ("data.sizee=3", "data.sizee")]:
+        out = subprocess.run([sys.executable, "-m", "sdmem", "train", str(path), "--set", override],
+                             capture_output=True, text=True)
+        assert out.returncode == 2 and fragment in out.stderr and "Traceback" not in out.stderr, out.stderr
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="gloo multi-process run")
+def test_accelerate_launch_two_cpu_processes(tmp_path):
+    _, path = tiny_config(tmp_path, "ddp", epochs=2, track=8)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+           str(29500 + os.getpid() % 1000), "-m", "sdmem", "train", str(path), "--quiet"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    run = tmp_path / "ddp"
+    assert (run / "checkpoint.safetensors").exists() and len((run / "tracking.jsonl").read_text().splitlines()) == 1
+    assert out.stdout.count("trained 4 steps") == 1 or "trained 4 steps" in out.stdout
