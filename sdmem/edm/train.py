@@ -90,14 +90,15 @@ def _step_seed(seed: int, rank: int, step: int) -> int:
 
 def _make_accelerator(cfg: EDMConfig, paths: RunPaths):
     from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
 
     try:
         import tensorboard  # noqa: F401
         log_with = "tensorboard"
     except ImportError:
         log_with = None
-    acc = Accelerator(cpu=not torch.cuda.is_available(), log_with=log_with, project_dir=str(paths.root))
-    return acc
+    project = ProjectConfiguration(project_dir=str(paths.root), logging_dir=str(paths.tensorboard))
+    return Accelerator(cpu=not torch.cuda.is_available(), log_with=log_with, project_config=project)
 
 
 def _check_run_folder(cfg: EDMConfig, paths: RunPaths) -> None:
@@ -171,6 +172,26 @@ def track_memorization(cfg: EDMConfig, paths: RunPaths, ema, subset: Subset, dev
     return row
 
 
+def accumulate_gradients(net, loss_fn, images: torch.Tensor, labels: torch.Tensor | None, idx: torch.Tensor,
+                         gen: torch.Generator, *, batch_gpu: int, scale: float, no_sync=None) -> torch.Tensor:
+    """Forward and backward over the images ``idx`` in passes of ``batch_gpu``; returns the summed loss.
+
+    EDM's reduction: the per-pixel loss is summed over pixels and images and scaled by 1/(images per
+    process), so the gradient is that of the mean per-image loss. Passes before the last skip the DDP
+    all-reduce (``no_sync``).
+    """
+    total = torch.zeros((), device=images.device)
+    rounds = math.ceil(len(idx) / batch_gpu)
+    for r in range(rounds):
+        part = idx[r * batch_gpu : (r + 1) * batch_gpu]
+        ctx = no_sync() if (no_sync is not None and r < rounds - 1) else contextlib.nullcontext()
+        with ctx:
+            loss = loss_fn(net, images[part], None if labels is None else labels[part], generator=gen).sum()
+            loss.mul(scale).backward()
+        total += loss.detach()
+    return total
+
+
 def prepare(cfg: EDMConfig) -> tuple[RunPaths, Subset]:
     """Check the run folder and build (or reload) the training subset D, writing nothing yet."""
     paths = RunPaths(cfg.out_dir)
@@ -221,7 +242,6 @@ def train(cfg: EDMConfig, *, progress: bool = True) -> dict:
     gen = torch.Generator(device=device)
     params = [p for p in net.parameters()]
     ema_params = [p for p in ema.parameters()]
-    rounds = per_rank // batch_gpu
 
     bar = tqdm(total=sched.total_steps, initial=step, disable=not (progress and acc.is_main_process),
                desc="train", unit="step")
@@ -239,15 +259,9 @@ def train(cfg: EDMConfig, *, progress: bool = True) -> dict:
         s = _step_seed(cfg.seed, rank, step)
         torch.manual_seed(s)
         gen.manual_seed(s)
-        loss_total = torch.zeros((), device=device)
-        for r in range(rounds):
-            part = idx[r * batch_gpu : (r + 1) * batch_gpu]
-            sync = acc.no_sync(ddp_net) if (world > 1 and r < rounds - 1) else contextlib.nullcontext()
-            with sync:
-                loss = loss_fn(ddp_net, images[part], None if labels is None else labels[part], generator=gen)
-                loss = loss.sum()
-                loss.mul(1.0 / per_rank).backward()
-            loss_total += loss.detach()
+        no_sync = (lambda: acc.no_sync(ddp_net)) if world > 1 else None
+        loss_total = accumulate_gradients(ddp_net, loss_fn, images, labels, idx, gen, batch_gpu=batch_gpu,
+                                          scale=1.0 / per_rank, no_sync=no_sync)
         loss_value = float(acc.reduce(loss_total, reduction="sum")) / cfg.train.batch_size
         if not math.isfinite(loss_value):
             optimizer.zero_grad(set_to_none=True)
