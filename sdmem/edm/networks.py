@@ -345,5 +345,9 @@ def build_network(arch: str, *, img_resolution: int, in_channels: int = 3, out_c
     for key in overrides:
         if key not in _OPTIONS:
             raise InputError(f"model.{key}", f"not a network option (known: {', '.join(sorted(_OPTIONS))})")
-    return SongUNet(img_resolution=img_resolution, in_channels=in_channels, out_channels=out_channels,
-                    label_dim=label_dim, **dict(NETWORKS[arch], **overrides))
+    try:
+        return SongUNet(img_resolution=img_resolution, in_channels=in_channels, out_channels=out_channels,
+                        label_dim=label_dim, **dict(NETWORKS[arch], **overrides))
+    except ValueError as exc:  # e.g. GroupNorm: a width its groups cannot divide
+        raise InputError("model.channels", f"the network cannot be built with these widths ({exc}); "
+                                           "try a multiple of 32") from None
