@@ -193,7 +193,7 @@ def test_dry_run_and_bad_configs(tmp_path):
     assert not (tmp_path / "run").exists()
     for override, fragment in [("data.size=5000", "data.size"), ("data.num_classes=20", "data.num_classes"),
                                ("model.skip_mask=[true]", "model.skip_mask"), ("data.sizee=3", "data.sizee"),
-                               ("model.channels=18", "model.channels"), ("data.resolution=12", "data.resolution")]:
+                               ("model.channels=18", "model.channels"), ("data.resolution=9", "data.resolution")]:
         out = subprocess.run([sys.executable, "-m", "sdmem", "train", str(path), "--set", override],
                              capture_output=True, text=True)
         assert out.returncode == 2 and fragment in out.stderr and "Traceback" not in out.stderr, out.stderr

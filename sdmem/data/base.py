@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import mmap
 from typing import BinaryIO, Callable, Iterator, Sequence
 
 import numpy as np
@@ -145,7 +146,20 @@ class ArraySource(ImageSource):
                 np.zeros((0, *self.shape), np.uint8)
         block = np.ascontiguousarray(block)
         # a fresh, writable array: never a view that would let a caller change (or fail to write) the source
-        return block.copy() if np.may_share_memory(block, self._images) else block
+        block = block.copy() if np.may_share_memory(block, self._images) else block
+        release_pages(self._images)
+        return block
+
+
+def release_pages(arr: np.ndarray) -> None:
+    """Drop a memory-mapped array's pages from this process's resident memory (they stay in the page cache).
+
+    Streaming a training file larger than RAM through a memmap would otherwise leave every page read so far
+    mapped and resident; with this, memory stays at one block whatever the file size.
+    """
+    mm = getattr(arr, "_mmap", None)  # np.memmap keeps its mmap.mmap object here
+    if mm is not None and hasattr(mm, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+        mm.madvise(mmap.MADV_DONTNEED)
 
 
 class FileSource(ImageSource):
