@@ -455,3 +455,23 @@ def test_digits_and_lfw():
     f = lfw_source()
     assert len(f) == 200 and f.shape == (25, 25, 3) and f.load().dtype == np.uint8
     assert f.labels.tolist() == [0] * 100 + [1] * 100
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="Linux /proc needed")
+def test_streaming_a_memmapped_npz_keeps_its_pages_out_of_resident_memory(tmp_path):
+    path = tmp_path / "big.npz"
+    np.savez(path, images=np.random.default_rng(0).integers(0, 256, (4000, 32, 32, 3), dtype=np.uint8))  # 12 MB
+    src = open_source(path)
+    total = sum(int(block.sum(dtype=np.int64) > 0) for _, block in src.iter_blocks(500))
+    assert total == 8
+
+    def mapped_rss_kb():
+        rss, inside = 0, False
+        for line in open("/proc/self/smaps"):
+            if line[0] in "0123456789abcdef" and "-" in line.split()[0]:
+                inside = line.rstrip().endswith(str(path))
+            elif inside and line.startswith("Rss:"):
+                rss += int(line.split()[1])
+        return rss
+
+    assert mapped_rss_kb() < 1024  # without releasing pages, all 12 MB read so far stay resident
