@@ -25,5 +25,5 @@ fi
 if "${PIP[@]}" show -q "$other" >/dev/null 2>&1; then
     "${PIP[@]}" uninstall -q -y "$other" "$faiss" >/dev/null
 fi
-"${PIP[@]}" install -q -c constraints.txt -e ".[$faiss,hf,test]"
+"${PIP[@]}" install -q -c constraints.txt -e ".[$faiss,hf,sd,test]"
 "$VENV/bin/python" -c "import sdmem, torch, faiss; print(f'sdmem {sdmem.__version__} ready: torch {torch.__version__}, faiss {faiss.__version__} ({faiss.get_num_gpus()} GPUs), venv $VENV')"

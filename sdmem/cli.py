@@ -102,7 +102,7 @@ def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train (or resume) a run from a YAML config",
                        description="Trains the run a config describes; re-running the same command resumes it. "
                                    "Also works under `accelerate launch -m sdmem train CONFIG`.")
-    p.add_argument("config", metavar="CONFIG", help="YAML run config (kind: edm)")
+    p.add_argument("config", metavar="CONFIG", help="YAML run config (kind: edm or sd)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key by its dotted path (repeatable), e.g. --set data.size=1000")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config as JSON (with num_params)")
@@ -114,9 +114,12 @@ def _run_train(args) -> int:
     import json
 
     from .config import load_config
-    from .edm.train import dry_run, train
 
     cfg = load_config(args.config, args.overrides)
+    if cfg.kind == "sd":
+        return _run_train_sd(cfg, args)
+    from .edm.train import dry_run, train
+
     if args.dry_run:
         print(json.dumps(dry_run(cfg), indent=2))
         return 0
@@ -127,6 +130,28 @@ def _run_train(args) -> int:
         line += (f"; highest memorization ratio {100 * best['memorization_ratio']:.2f}% at epoch {best['epoch']}"
                  f" (KNN distance {best['knn_distance']:.3f})")
     print(line + f"; run folder {summary['out_dir']}")
+    return 0
+
+
+def _run_train_sd(cfg, args) -> int:
+    import json
+
+    from .sd.train import dry_run, train
+
+    if args.dry_run:
+        print(json.dumps(dry_run(cfg), indent=2))
+        return 0
+    summary = train(cfg, progress=not args.quiet)
+    if not summary.get("main_process", True):  # one line per run, not per process
+        return 0
+    if summary.get("already_done"):
+        print(f"already trained ({summary['steps']} steps, {summary['images_seen']} images seen); outputs in "
+              f"{summary['out_dir']}")
+        return 0
+    final = summary.get("final") or {}
+    print(f"trained {summary['steps']} steps ({summary['images_seen']} images seen) on {summary['num_train']} images"
+          f"; last loss {summary['loss']:.4g}; {cfg.model.method} weights ({final.get('weights', 'ema')}) in "
+          f"{summary['out_dir']}")
     return 0
 
 
@@ -142,33 +167,62 @@ def _seed_range(text: str) -> tuple[int, int]:
 
 
 def _add_generate(sub) -> None:
-    p = sub.add_parser("generate", help="sample a trained run's EMA snapshot with the EDM Heun sampler",
-                       description="One PNG per seed ({seed:06d}.png); existing files are skipped, so it resumes.")
+    p = sub.add_parser("generate", help="sample a trained run (EDM: Heun sampler; SD: DDIM, guidance 7.5)",
+                       description="One PNG per seed ({seed:06d}.png); existing files are skipped, so it resumes. "
+                                   "EDM runs: the EMA snapshot, Heun sampler. SD runs: the final (EMA) weights or a "
+                                   "checkpoint step, DDIM with 50 steps, safety checker off; class prompts give "
+                                   "N/C images per class in seed order (recorded in prompts.json).")
     p.add_argument("run", metavar="RUN", help="run folder (out_dir of sdmem train)")
     p.add_argument("--num", type=_positive_int("--num"), metavar="N", help="images (seeds 0..N-1 unless --seeds)")
     p.add_argument("--out", required=True, metavar="DIR")
-    p.add_argument("--snapshot", default="latest", help="latest or an epoch number K")
+    p.add_argument("--snapshot", default="latest", help="latest or an epoch number K (EDM); latest/final or a "
+                   "checkpoint step (SD)")
     p.add_argument("--seeds", type=_seed_range, metavar="A-B", help="inclusive seed range")
     p.add_argument("--class", dest="class_label", default="random", metavar="C|random",
-                   help="class label for conditional runs (default: random per seed)")
-    p.add_argument("--batch", type=_positive_int("--batch"), default=256)
-    p.add_argument("--steps", type=_positive_int("--steps"), default=18)
+                   help="class label for conditional runs (default: random per seed); SD class prompts: a class "
+                        "index or name (default: N/C images per class)")
+    p.add_argument("--batch", type=_positive_int("--batch"), help="images per batch (default 256 EDM; SD: the run's generate.batch)")
+    p.add_argument("--steps", type=_positive_int("--steps"), help="sampler steps (default 18 EDM, 50 SD)")
+    p.add_argument("--guidance", type=float, metavar="W", help="SD classifier-free guidance scale (default: the "
+                   "run's generate.guidance_scale, 7.5)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_run_generate)
 
 
-def _run_generate(args) -> int:
-    from .edm.generate import generate_run
+def _run_kind(run: str) -> str | None:
+    """The ``kind`` in a run folder's config.json (None when unreadable: the EDM path reports it)."""
+    import json
+    import os
 
+    try:
+        with open(os.path.join(run, "config.json"), encoding="utf-8") as f:
+            kind = json.load(f).get("kind")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return kind if isinstance(kind, str) else None
+
+
+def _run_generate(args) -> int:
     if args.seeds is None and args.num is None:
         raise InputError("--num", "give --num N or --seeds A-B")
     lo, hi = args.seeds if args.seeds else (0, args.num - 1)
     if args.seeds and args.num is not None and args.num != hi - lo + 1:
         raise InputError("--num", f"--num {args.num} disagrees with --seeds {lo}-{hi} ({hi - lo + 1} seeds)")
-    written = generate_run(args.run, args.out, seeds=list(range(lo, hi + 1)), snapshot=args.snapshot,
-                           class_label=args.class_label, batch=args.batch, steps=args.steps, device=args.device,
-                           progress=not args.quiet)
+    if _run_kind(args.run) == "sd":
+        from .sd.generate import generate_run as generate_sd
+
+        written = generate_sd(args.run, args.out, seeds=list(range(lo, hi + 1)), snapshot=args.snapshot,
+                              class_label=args.class_label, batch=args.batch, steps=args.steps,
+                              guidance=args.guidance, device=args.device, progress=not args.quiet)
+    else:
+        from .edm.generate import generate_run
+
+        if args.guidance is not None:
+            raise InputError("--guidance", "only SD runs take a guidance scale")
+        written = generate_run(args.run, args.out, seeds=list(range(lo, hi + 1)), snapshot=args.snapshot,
+                               class_label=args.class_label, batch=args.batch or 256, steps=args.steps or 18,
+                               device=args.device, progress=not args.quiet)
     print(f"{hi - lo + 1} images (seeds {lo}-{hi}, {written} new) in {args.out}")
     return 0
 

@@ -158,7 +158,15 @@ class EDMConfig(_Section):
               f"{levels - 1} times), got {res}")
 
 
-CONFIG_KINDS: dict[str, type] = {"edm": EDMConfig}  # kind: sd is reserved for the Stable Diffusion trainer
+CONFIG_KINDS: dict[str, type] = {"edm": EDMConfig}  # kind: sd resolves lazily (config_class): no diffusers import
+
+
+def config_class(kind: str) -> type:
+    """The config class of a ``kind``: edm, or sd (sdmem.sd.config.SDConfig, imported on first use)."""
+    if kind == "sd" and "sd" not in CONFIG_KINDS:
+        from .sd.config import SDConfig
+        CONFIG_KINDS["sd"] = SDConfig
+    return CONFIG_KINDS[kind]
 
 
 def _type_name(tp) -> str:
@@ -272,7 +280,7 @@ def apply_overrides(cfg, overrides: Sequence[str]):
 
 
 def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()):
-    """Read a YAML run config (``kind: edm``), apply ``--set`` overrides, check it: a frozen config object."""
+    """Read a YAML run config (``kind: edm`` or ``sd``), apply ``--set`` overrides, check it: a frozen config object."""
     name = os.fspath(path)
     try:
         with open(name, encoding="utf-8") as f:
@@ -285,10 +293,9 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()):
     _need(isinstance(data, dict), name, f"expected a YAML mapping (kind: edm, out_dir: ...), got {_show(data)}")
     kind = ([v for k, v in map(_parse_override, overrides) if k == "kind"] or [data.get("kind")])[-1]
     kind = None if kind is None else str(kind)
-    _need(kind != "sd", f"{name}: kind", "kind: sd (Stable Diffusion fine-tuning) is not implemented yet; use edm")
-    _need(kind in CONFIG_KINDS, f"{name}: kind", ("required key is missing" if kind is None else
-                                                  f"unknown kind {kind!r}") + "; expected edm (sd: not yet)")
-    cls = CONFIG_KINDS[kind]
+    _need(kind in CONFIG_KINDS or kind == "sd", f"{name}: kind", ("required key is missing" if kind is None else
+                                                                  f"unknown kind {kind!r}") + "; expected edm or sd")
+    cls = config_class(kind)
     return config_from_dict(cls, _override_dict(cls, data, overrides), name)
 
 

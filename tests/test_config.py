@@ -107,7 +107,10 @@ def test_missing_and_bad_files(tmp_path):
     raises(lambda: load_config(tmp_path / "nope.yaml"), "nope.yaml", "no such config file")
     raises(lambda: load_config(write(tmp_path, "- a\n- b\n")), "run.yaml", "expected a YAML mapping")
     raises(lambda: load_config(write(tmp_path, "kind: edm\n  bad: [\n")), "run.yaml", "not valid YAML")
-    raises(lambda: load_config(write(tmp_path, BASIC.replace("kind: edm", "kind: sd"))), "kind", "not implemented")
+    # An EDM body under kind: sd is checked against the SD schema (it has no data.num_classes).
+    raises(lambda: load_config(write(tmp_path, BASIC.replace("kind: edm", "kind: sd"))), "data.num_classes",
+           "unknown key")
+    raises(lambda: load_config(write(tmp_path, BASIC.replace("kind: edm", "kind: gan"))), "kind", "edm or sd")
     raises(lambda: load_config(write(tmp_path, BASIC.replace("kind: edm\n", ""))), "kind", "required")
     raises(lambda: load_config(write(tmp_path, BASIC.replace("out_dir: runs/cifar_1k\n", ""))), "out_dir", "required")
     raises(lambda: load_config(write(tmp_path, "kind: edm\nout_dir: o\n")), "data", "required")
@@ -138,7 +141,7 @@ def test_set_errors(tmp_path):
     raises(lambda: load_config(path, ["data.size"]), "--set", "KEY=VALUE")
     raises(lambda: load_config(path, ["data.size=abc"]), "--set data.size", "expected int", "str 'abc'")
     raises(lambda: load_config(path, ["train.lr=[1]"]), "--set train.lr", "expected float")
-    raises(lambda: load_config(path, ["kind=sd"]), "kind", "not implemented")
+    raises(lambda: load_config(path, ["kind=sd"]), "data.num_classes", "unknown key")
 
 
 @pytest.mark.parametrize("overrides, key, problem", [
