@@ -38,7 +38,7 @@ from sdmem.config import apply_overrides, load_config
 from sdmem.edm.generate import generate_images
 from sdmem.edm.loss import LOSSES
 from sdmem.edm.run import build_denoiser
-from sdmem.edm.train import _step_seed, accumulate_gradients, ema_beta
+from sdmem.edm.train import step_seed, accumulate_gradients, ema_beta
 
 NETS = {"cifar": ("train_configs/edm/cifar10.yaml", 32), "small": ("train_configs/smoke/edm.yaml", 8)}
 NUM_TRAIN = 512  # random training images the steps draw their minibatches from
@@ -96,7 +96,7 @@ class Trainer:
 
     def step(self, timed: bool = True) -> None:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = self.tf32  # as train.py
-        s = _step_seed(self.cfg.seed, 0, self.k)
+        s = step_seed(self.cfg.seed, 0, self.k)
         idx = torch.randperm(len(self.images), generator=torch.Generator().manual_seed(s))[: self.batch]
         idx = idx.to(self.images.device)
         torch.manual_seed(s)

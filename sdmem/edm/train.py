@@ -84,7 +84,8 @@ def batch_indices(step: int, batch: int, num_train: int, seed: int) -> np.ndarra
     return out
 
 
-def _step_seed(seed: int, rank: int, step: int) -> int:
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """The seed of all randomness (noise, dropout) of one process at one optimizer step."""
     return int(np.random.SeedSequence([seed, rank, step]).generate_state(1, np.uint64)[0] >> 1)
 
 
@@ -256,7 +257,7 @@ def train(cfg: EDMConfig, *, progress: bool = True) -> dict:
         # Accumulate gradients over this rank's share of the global batch (EDM: sum over pixels / images).
         idx = torch.from_numpy(batch_indices(step, cfg.train.batch_size, len(subset), cfg.seed))
         idx = idx[rank * per_rank : (rank + 1) * per_rank].to(device)
-        s = _step_seed(cfg.seed, rank, step)
+        s = step_seed(cfg.seed, rank, step)
         torch.manual_seed(s)
         gen.manual_seed(s)
         no_sync = (lambda: acc.no_sync(ddp_net)) if world > 1 else None
@@ -313,11 +314,11 @@ def train(cfg: EDMConfig, *, progress: bool = True) -> dict:
                "label_dim": label_dim, "resolution": res}
     if paths.best.exists():
         summary["best"] = json.loads(paths.best.read_text())
-    _finish(acc)
+    finish_accelerator(acc)
     return summary
 
 
-def _finish(acc) -> None:
+def finish_accelerator(acc) -> None:
     """End cleanly: a barrier and destroy_process_group (end_training sometimes aborted a gloo rank)."""
     acc.wait_for_everyone()
     if acc.is_main_process:

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from ..config import _flatten, config_to_dict
 from ..data.subset import Subset, load_subset, save_subset
 from ..edm.run import atomic_write_text
-from ..edm.train import _finish, _step_seed, batch_indices
+from ..edm.train import finish_accelerator, step_seed, batch_indices
 from ..errors import InputError, SdmemError
 from .config import SDConfig
 from .run import SDRunPaths, check_run_folder, load_checkpoint, rotate_checkpoints, save_checkpoint, save_outputs
@@ -238,7 +238,7 @@ def train(cfg: SDConfig, *, progress: bool = True) -> dict:
         summary = {"out_dir": str(paths.root), "steps": step, "images_seen": step * cfg.images_per_step,
                    "num_train": len(subset), "loss": None, "already_done": True, "main_process": acc.is_main_process,
                    "final": json.loads(paths.final.read_text())}
-        _finish(acc)
+        finish_accelerator(acc)
         return summary
     ddp_unet = acc.prepare_model(comps.unet)
     opt = acc.prepare_optimizer(optimizer)
@@ -253,7 +253,7 @@ def train(cfg: SDConfig, *, progress: bool = True) -> dict:
     gen, loss_value, t_last, bad = torch.Generator(device=device), float("nan"), time.perf_counter(), 0
     while step < total:
         # One optimizer step: `accum` passes of batch_size images (per_rank on this process), seeded by the step.
-        s = _step_seed(cfg.seed, rank, step)
+        s = step_seed(cfg.seed, rank, step)
         torch.manual_seed(s)
         gen.manual_seed(s)
         loss_sum = torch.zeros((), device=device)
@@ -326,7 +326,7 @@ def train(cfg: SDConfig, *, progress: bool = True) -> dict:
             final = save_outputs(cfg, paths, comps, comps.unet, step)
     summary = {"out_dir": str(paths.root), "steps": step, "images_seen": step * cfg.images_per_step,
                "num_train": len(subset), "loss": loss_value, "final": final, "main_process": acc.is_main_process}
-    _finish(acc)
+    finish_accelerator(acc)
     return summary
 
 
