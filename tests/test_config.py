@@ -10,7 +10,7 @@ import yaml
 
 from sdmem.config import (DataConfig, EDMConfig, ModelConfig, apply_overrides, config_from_dict, config_hash,
                           config_to_dict, diff_configs, load_config, network_kwargs, num_params, training_keys)
-from sdmem.errors import InputError
+from helpers import raises
 
 BASIC = """\
 kind: edm
@@ -32,16 +32,6 @@ def write(tmp_path, text: str, name: str = "run.yaml"):
     path = tmp_path / name
     path.write_text(text)
     return path
-
-
-def raises(fn, where: str, *problem: str) -> InputError:
-    """fn() must raise an InputError whose location contains `where` and whose message contains each `problem`."""
-    with pytest.raises(InputError) as info:
-        fn()
-    assert where in info.value.where, info.value
-    for p in problem:
-        assert p in info.value.problem, info.value
-    return info.value
 
 
 def minimal(**data) -> dict:

@@ -12,7 +12,7 @@ from PIL import Image
 from sdmem.config import DataConfig
 from sdmem.data import open_source
 from sdmem.data.subset import build_subset, load_subset, save_subset
-from sdmem.errors import InputError
+from helpers import raises
 
 CLASSES, PER_CLASS = 4, 12
 NAMES = ["airplane", "automobile", "bird", "cat"]
@@ -38,15 +38,6 @@ def src(tmp_path):
 
 def data(source, size, **kw) -> DataConfig:
     return DataConfig(source=source, size=size, **kw)
-
-
-def raises(fn, where: str, *problem: str) -> InputError:
-    with pytest.raises(InputError) as info:
-        fn()
-    assert where in info.value.where, info.value
-    for p in problem:
-        assert p in info.value.problem, info.value
-    return info.value
 
 
 def test_equal_share_of_first_classes(src):
