@@ -125,6 +125,8 @@ def _run_train(args) -> int:
         return 0
     summary = train(cfg, progress=not args.quiet)
     best = summary.get("best")
+    if not summary.get("main_process", True):  # one line per run, not per process
+        return 0
     line = f"trained {summary['steps']} steps ({summary['epochs']:.1f} epochs) on {summary['num_train']} images"
     if best:
         line += (f"; highest memorization ratio {100 * best['memorization_ratio']:.2f}% at epoch {best['epoch']}"

@@ -310,7 +310,7 @@ def train(cfg: EDMConfig, *, progress: bool = True) -> dict:
     bar.close()
 
     summary = {"out_dir": str(paths.root), "steps": step, "epochs": sched.epoch(step), "num_train": len(subset),
-               "label_dim": label_dim, "resolution": res}
+               "label_dim": label_dim, "resolution": res, "main_process": acc.is_main_process}
     if paths.best.exists():
         summary["best"] = json.loads(paths.best.read_text())
     finish_accelerator(acc)
