@@ -43,6 +43,7 @@ import torch
 
 from ..data.base import ImageSource
 from ..errors import InputError, SdmemError
+from ..utils import resolve_device
 from .gemm import row_blocks, sqdist, sqnorms
 
 __all__ = ["Top2", "search_top2"]
@@ -63,7 +64,6 @@ _Q_BLOCK_CUDA = 16384
 _CANDIDATES = 8  # float backends: candidates per query kept for the exact re-rank
 
 BACKENDS = ("auto", "int8", "faiss", "torch")
-DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass
@@ -147,13 +147,7 @@ def _describe(dim: int, shape) -> str:
 
 
 def _resolve_device(device: str) -> torch.device:
-    if device not in DEVICES:
-        raise SdmemError(f"unknown device {device!r}; expected one of {', '.join(DEVICES)}")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise SdmemError("device cuda requested but torch sees no CUDA GPU (torch.cuda.is_available() is False)")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(device)
+    return torch.device(resolve_device(device))
 
 
 def _import_faiss():

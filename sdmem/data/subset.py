@@ -13,6 +13,7 @@ from typing import Callable, Mapping
 import numpy as np
 
 from ..errors import InputError
+from ..utils import atomic_write
 from . import open_source
 from .base import ImageSource
 from .builtin import digits_source, lfw_source
@@ -178,18 +179,9 @@ def _sha256(arr: np.ndarray | None) -> str | None:
     return None if arr is None else hashlib.sha256(np.ascontiguousarray(arr).data).hexdigest()
 
 
-def _write_atomic(path: str, write: Callable) -> None:
-    """Write ``path`` through a temporary file in the same folder, then os.replace it into place."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+def _savez(path, arrays: dict) -> None:
+    with open(path, "wb") as f:  # a file object: np.savez would append ".npz" to a temporary name
+        np.savez(f, **arrays)
 
 
 def save_subset(subset: Subset, run_dir: str | os.PathLike) -> tuple[str, str]:
@@ -204,8 +196,8 @@ def save_subset(subset: Subset, run_dir: str | os.PathLike) -> tuple[str, str]:
     if subset.info.get("label_mode") == "true" and subset.class_names:  # names of the label values 0..C-1
         arrays["class_names"] = np.asarray(subset.class_names, dtype=str)
     info = dict(subset.info, images_sha256=_sha256(arrays["images"]), labels_sha256=_sha256(arrays.get("labels")))
-    _write_atomic(npz_path, lambda f: np.savez(f, **arrays))
-    _write_atomic(json_path, lambda f: f.write((json.dumps(info, indent=2) + "\n").encode()))
+    atomic_write(npz_path, lambda p: _savez(p, arrays), fsync=True)
+    atomic_write(json_path, lambda p: p.write_text(json.dumps(info, indent=2) + "\n"), fsync=True)
     subset.info = info
     return npz_path, json_path
 

@@ -8,12 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from tqdm.auto import tqdm
 
 from ..errors import InputError
-from ..utils import resolve_device
-from .run import atomic_write_text, is_run_dir, load_snapshot, resolve_snapshot
+from ..utils import atomic_write_text, resolve_device, save_png
+from .run import is_run_dir, load_snapshot, resolve_snapshot
 from .sampler import heun_sampler, seeded_class_labels, seeded_latents, to_uint8
 
 
@@ -38,12 +37,6 @@ def generate_images(denoiser, seeds: list[int], *, resolution: int, label_dim: i
         labels = None if labels is None else labels.to(device)
         out[start : start + len(chunk)] = to_uint8(heun_sampler(denoiser, latents, labels, num_steps=steps))
     return out
-
-
-def _save_png(path: Path, image: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    Image.fromarray(image).save(tmp, format="PNG")
-    os.replace(tmp, path)
 
 
 def generate_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, seeds: list[int],
@@ -80,7 +73,7 @@ def generate_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, seed
         images = generate_images(net, chunk, resolution=res, label_dim=label_dim, device=dev, batch=batch,
                                  steps=steps, class_label=fixed)
         for s, img in zip(chunk, images):
-            _save_png(out / f"{s:06d}.png", img)
+            save_png(out / f"{s:06d}.png", img)
         bar.update(len(chunk))
     bar.close()
     return len(todo)

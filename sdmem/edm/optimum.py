@@ -15,17 +15,16 @@ cancellation: D* is then within ~1 fp32 ulp of the float64 softmax, and exactly 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from tqdm import tqdm
 
 from ..audit.gemm import row_blocks, sqdist, sqnorms
 from ..data.base import ImageSource
 from ..errors import InputError
+from ..utils import atomic_write_text, save_png
 from .sampler import from_uint8, heun_sampler, seeded_class_labels, seeded_latents, to_uint8
 
 _NEG_INF = float("-inf")
@@ -166,16 +165,6 @@ class OptimalDenoiser:
         return out
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Write through ``write(tmp)`` to a temporary file beside ``path``, then rename it into place."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def sample_optimum(source: ImageSource, num: int, out_dir, *, class_conditional: bool = False, steps: int = 18,
                    seed: int = 0, batch_size: int = 256, device: str | torch.device = "cpu",
                    progress: bool = True) -> list[Path]:
@@ -200,7 +189,7 @@ def sample_optimum(source: ImageSource, num: int, out_dir, *, class_conditional:
         except (OSError, ValueError):
             mapping = {}
         mapping.update({p.name: int(v) for p, v in zip(paths, values)})
-        _atomic_write(labels_path, lambda t: t.write_text(json.dumps(mapping, indent=1, sort_keys=True)))
+        atomic_write_text(labels_path, json.dumps(mapping, indent=1, sort_keys=True))
     todo = [i for i, p in enumerate(paths) if not p.exists()]
     if not todo:
         return paths
@@ -212,6 +201,6 @@ def sample_optimum(source: ImageSource, num: int, out_dir, *, class_conditional:
             labels = None if values is None else torch.as_tensor(values[chunk], device=denoiser.device)
             images = to_uint8(heun_sampler(denoiser, latents, labels, num_steps=steps))
             for i, img in zip(chunk, images):
-                _atomic_write(paths[i], lambda t, img=img: Image.fromarray(img).save(t, format="PNG"))
+                save_png(paths[i], img)
             bar.update(len(chunk))
     return paths

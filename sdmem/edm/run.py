@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from ..config import EDMConfig, config_from_dict, config_to_dict, network_kwargs
 from ..errors import InputError
+from ..utils import atomic_write
 from .precond import PRECONDS
 
 SNAPSHOT_FORMAT = "sdmem-edm-snapshot/1"
@@ -57,22 +58,10 @@ def build_denoiser(cfg: EDMConfig, img_resolution: int, label_dim: int) -> torch
 
 
 def atomic_save_file(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    """safetensors write to a temporary name, fsync, then rename: a kill leaves the old file or the new one."""
+    """safetensors written atomically and fsynced: a kill leaves the old file or the new one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    cpu = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    atomic_write(path, lambda p: save_file(cpu, str(p), metadata=metadata), fsync=True)
 
 
 def read_safetensors(path: Path, expected_format: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

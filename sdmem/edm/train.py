@@ -23,7 +23,8 @@ from ..data import ArraySource
 from ..data.subset import Subset, build_subset, load_subset, save_subset
 from ..errors import InputError, SdmemError
 from .loss import LOSSES
-from .run import (CHECKPOINT_FORMAT, RunPaths, atomic_save_file, atomic_write_text, build_denoiser,
+from ..utils import atomic_write_text, finish_accelerator, make_accelerator
+from .run import (CHECKPOINT_FORMAT, RunPaths, atomic_save_file, build_denoiser,
                   read_safetensors, save_snapshot)
 from .generate import generate_images
 
@@ -86,19 +87,6 @@ def batch_indices(step: int, batch: int, num_train: int, seed: int) -> np.ndarra
 def step_seed(seed: int, rank: int, step: int) -> int:
     """The seed of all randomness (noise, dropout) of one process at one optimizer step."""
     return int(np.random.SeedSequence([seed, rank, step]).generate_state(1, np.uint64)[0] >> 1)
-
-
-def _make_accelerator(cfg: EDMConfig, paths: RunPaths):
-    from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
-
-    try:
-        import tensorboard  # noqa: F401
-        log_with = "tensorboard"
-    except ImportError:
-        log_with = None
-    project = ProjectConfiguration(project_dir=str(paths.root), logging_dir=str(paths.tensorboard))
-    return Accelerator(cpu=not torch.cuda.is_available(), log_with=log_with, project_config=project)
 
 
 def _check_run_folder(cfg: EDMConfig, paths: RunPaths) -> None:
@@ -203,7 +191,7 @@ def prepare(cfg: EDMConfig) -> tuple[RunPaths, Subset]:
 def train(cfg: EDMConfig, *, progress: bool = True) -> dict:
     """Train (or resume) the run of ``cfg``; returns a summary (steps, epochs, best tracked ratio)."""
     paths, subset = prepare(cfg)
-    acc = _make_accelerator(cfg, paths)
+    acc = make_accelerator(paths.root, paths.tensorboard)
     device = acc.device
     res, label_dim = subset.images.shape[1], subset.label_dim
     sched = Schedule(len(subset), cfg.train.batch_size, cfg.train.epochs, cfg.train.warmup_epochs,
@@ -315,16 +303,6 @@ def train(cfg: EDMConfig, *, progress: bool = True) -> dict:
         summary["best"] = json.loads(paths.best.read_text())
     finish_accelerator(acc)
     return summary
-
-
-def finish_accelerator(acc) -> None:
-    """End cleanly: a barrier and destroy_process_group (end_training sometimes aborted a gloo rank)."""
-    acc.wait_for_everyone()
-    if acc.is_main_process:
-        for tracker in acc.trackers:
-            tracker.finish()
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
 
 
 def dry_run(cfg: EDMConfig) -> dict:

@@ -12,10 +12,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import config_from_dict
-from ..edm.generate import _save_png as save_png
-from ..edm.run import atomic_write_text
 from ..errors import InputError
-from ..utils import resolve_device
+from ..utils import atomic_write_text, resolve_device, save_png
 from .config import SDConfig
 from .data import class_prompt
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 
 from ..config import _flatten, config_from_dict, config_to_dict, diff_configs, training_keys
-from ..edm.run import atomic_write_text
 from ..errors import InputError
+from ..utils import atomic_write_text
 from .config import SDConfig, ignored_keys
 
 CHECKPOINT_FORMAT = "sdmem-sd-checkpoint/1"

@@ -21,9 +21,9 @@ from tqdm.auto import tqdm
 
 from ..config import _flatten, config_to_dict
 from ..data.subset import Subset, load_subset, save_subset
-from ..edm.run import atomic_write_text
-from ..edm.train import finish_accelerator, step_seed, batch_indices
+from ..edm.train import batch_indices, step_seed
 from ..errors import InputError, SdmemError
+from ..utils import atomic_write_text, finish_accelerator, make_accelerator
 from .config import SDConfig
 from .run import SDRunPaths, check_run_folder, load_checkpoint, rotate_checkpoints, save_checkpoint, save_outputs
 
@@ -72,20 +72,9 @@ def sd_loss(unet, noise_scheduler, mean: torch.Tensor, std: torch.Tensor, text: 
 
 
 def _make_accelerator(cfg: SDConfig, paths: SDRunPaths):
-    from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
-
-    try:
-        import tensorboard  # noqa: F401
-        log_with = "tensorboard"
-    except ImportError:
-        log_with = None
-    cpu = not torch.cuda.is_available()
-    if cpu and cfg.train.mixed_precision == "fp16":
+    if not torch.cuda.is_available() and cfg.train.mixed_precision == "fp16":
         raise InputError("train.mixed_precision", "fp16 needs a GPU; use bf16 or no on a CPU")
-    project = ProjectConfiguration(project_dir=str(paths.root), logging_dir=str(paths.tensorboard))
-    return Accelerator(cpu=cpu, mixed_precision=cfg.train.mixed_precision, log_with=log_with,
-                       project_config=project)
+    return make_accelerator(paths.root, paths.tensorboard, mixed_precision=cfg.train.mixed_precision)
 
 
 def check_resolution(cfg: SDConfig, comps) -> None:
