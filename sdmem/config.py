@@ -306,12 +306,12 @@ def config_to_dict(cfg) -> dict:
             for k, v in values.items()}
 
 
-def _flatten(obj, prefix: str = "") -> dict:
+def flatten_config(obj, prefix: str = "") -> dict:
     """{dotted key: value} of a config object or a nested dict."""
     out = {}
     for key, value in (config_to_dict(obj) if dataclasses.is_dataclass(obj) else obj).items():
         dotted = f"{prefix}.{key}" if prefix else str(key)
-        out.update(_flatten(value, dotted) if isinstance(value, Mapping) else {dotted: value})
+        out.update(flatten_config(value, dotted) if isinstance(value, Mapping) else {dotted: value})
     return out
 
 
@@ -327,13 +327,13 @@ def training_keys(cls: type, prefix: str = "") -> set[str]:
 def config_hash(cfg) -> str:
     """sha256 (hex) of the fields that change what is learnt (not out_dir, epochs, logging, tracking)."""
     keep = training_keys(type(cfg))
-    flat = {k: v for k, v in _flatten(cfg).items() if k in keep}
+    flat = {k: v for k, v in flatten_config(cfg).items() if k in keep}
     return hashlib.sha256(json.dumps(flat, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def diff_configs(a, b) -> list[str]:
     """Dotted keys whose values differ between two configs (objects or their to_dict() forms)."""
-    fa, fb = _flatten(a), _flatten(b)
+    fa, fb = flatten_config(a), flatten_config(b)
     return [k for k in [*fa, *(k for k in fb if k not in fa)] if k not in fa or k not in fb or fa[k] != fb[k]]
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import _flatten, config_from_dict, config_to_dict, diff_configs, training_keys
+from ..config import flatten_config, config_from_dict, config_to_dict, diff_configs, training_keys
 from ..errors import InputError
 from ..utils import atomic_write_text
 from .config import SDConfig, ignored_keys
@@ -47,7 +47,7 @@ class SDRunPaths:
 def fingerprint(cfg: SDConfig) -> str:
     """sha256 of the keys that change what is learnt (config_hash, less the keys this config does not use)."""
     keep = training_keys(SDConfig) - ignored_keys(cfg)
-    flat = {k: v for k, v in _flatten(cfg).items() if k in keep}
+    flat = {k: v for k, v in flatten_config(cfg).items() if k in keep}
     return hashlib.sha256(json.dumps(flat, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 

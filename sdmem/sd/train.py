@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..config import _flatten, config_to_dict
+from ..config import flatten_config, config_to_dict
 from ..data.subset import Subset, load_subset, save_subset
 from ..edm.train import batch_indices, step_seed
 from ..errors import InputError, SdmemError
@@ -182,7 +182,7 @@ def _write_run_folder(cfg: SDConfig, paths: SDRunPaths, subset: Subset, acc) -> 
             save_subset(subset, paths.root)
         for stale in paths.checkpoints.glob(".step-*") if paths.checkpoints.is_dir() else ():
             shutil.rmtree(stale, ignore_errors=True)  # a write that a kill interrupted
-        acc.init_trackers("sd", config={k: str(v) for k, v in _flatten(cfg).items()})
+        acc.init_trackers("sd", config={k: str(v) for k, v in flatten_config(cfg).items()})
     acc.wait_for_everyone()
 
 
