@@ -18,24 +18,43 @@ PER_SAMPLE_COLUMNS = ["index", "file", "nn1_index", "nn1_distance", "nn2_index",
 
 
 def write_outputs(out_dir: str | os.PathLike, writers: dict[str, Callable[[Path], None]]) -> list[Path]:
-    """Write every file into a temporary folder, then move each into ``out_dir`` (atomic per file).
+    """Write every file into a temporary folder inside ``out_dir``, then move each into place (atomic per file).
 
-    A failure while writing leaves ``out_dir`` untouched: nothing half-written.
+    The temporary folder (``out_dir/.tmp-XXXX``) is on the same file system as its target, so every move is
+    a rename. A failure while writing leaves ``out_dir`` as it was: nothing half-written, and a folder this
+    call created is removed again. An OSError (read-only, disk full, ``out_dir`` is a file) is an InputError.
     """
+    from ..errors import InputError
+
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    created = out  # the outermost folder this call creates (None: out exists already)
+    while not created.parent.exists() and created.parent != created:
+        created = created.parent
+    created = None if out.exists() else created
+    tmp = None
     try:
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=out))
         for name, write in writers.items():
             write(tmp / name)
-        out.mkdir(parents=True, exist_ok=True)
         placed = []
         for name in writers:
             os.replace(tmp / name, out / name)
             placed.append(out / name)
         return placed
+    except BaseException as exc:
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+        if not isinstance(exc, OSError):
+            raise
+        if out.exists() and not out.is_dir():
+            raise InputError(out, "exists and is not a folder; expected a folder for the outputs") from None
+        why = exc.strerror or str(exc)
+        raise InputError(out, f"cannot write the outputs here ({why}"
+                              + (f": {exc.filename}" if exc.filename else "") + ")") from None
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_json(path: Path, obj: dict) -> None:

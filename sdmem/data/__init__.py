@@ -5,11 +5,12 @@ from __future__ import annotations
 import os
 
 from ..errors import InputError
-from .base import ArraySource, FileSource, ImageSource, center_crop_resize, decode_image, to_rgb_array
+from .base import (MAX_IMAGE_PIXELS, ArraySource, FileSource, ImageSource, center_crop_resize, check_resolution,
+                   decode_image, to_rgb_array)
 from .folder import SUPPORTED_IMAGE_EXTENSIONS
 
-__all__ = ["ArraySource", "FileSource", "ImageSource", "SUPPORTED_IMAGE_EXTENSIONS", "center_crop_resize",
-           "decode_image", "describe", "open_source", "to_rgb_array"]
+__all__ = ["MAX_IMAGE_PIXELS", "ArraySource", "FileSource", "ImageSource", "SUPPORTED_IMAGE_EXTENSIONS",
+           "center_crop_resize", "check_resolution", "decode_image", "describe", "open_source", "to_rgb_array"]
 
 FORMATS = ("a folder of images (" + ", ".join(SUPPORTED_IMAGE_EXTENSIONS) + "), an .npz/.npy of uint8 images, "
            "an EDM dataset (.zip or folder with dataset.json), CIFAR-10 (cifar-10-python.tar.gz or "
@@ -19,8 +20,7 @@ FORMATS = ("a folder of images (" + ", ".join(SUPPORTED_IMAGE_EXTENSIONS) + "), 
 def open_source(src: str | os.PathLike, *, resolution: int | None = None, labels: bool = False,
                 split: str | None = None) -> ImageSource:
     """Open an image SRC, recognising its format; ``labels=True`` requires class labels."""
-    if resolution is not None and (isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 1):
-        raise InputError("--resolution", f"expected a positive integer, got {resolution!r}")
+    resolution = check_resolution(resolution)  # before anything is read or allocated
     name = os.fspath(src)
     if isinstance(name, bytes):
         name = os.fsdecode(name)

@@ -1,9 +1,22 @@
-"""The image-source interface shared by every reader: lazy uint8 RGB blocks, labels, file names."""
+"""The image-source interface shared by every reader: lazy uint8 RGB blocks, labels, file names.
+
+Limits: ``MAX_IMAGE_PIXELS`` = 8192 x 8192 = 67,108,864 pixels is the largest image sdmem decodes and the
+largest ``--resolution`` it accepts (R x R). It is checked from the file header, before any pixel is decoded
+or any array allocated, so a decompression bomb (a small PNG claiming a huge size) or an absurd resolution is
+an InputError, not a MemoryError. No dataset image comes close (CIFAR-10: 32 x 32, ImageNet: about 500 x 375,
+Stable Diffusion training crops: 512-1024 px). PIL's own limit (``Image.MAX_IMAGE_PIXELS``, about 89 M pixels)
+only warns below twice its value; that warning is silenced, the cap here decides.
+"""
 
 from __future__ import annotations
 
 import io
 import mmap
+import os
+import warnings
+import zipfile
+import zlib
+from contextlib import contextmanager
 from typing import BinaryIO, Callable, Iterator, Sequence
 
 import numpy as np
@@ -12,6 +25,57 @@ from PIL import Image, UnidentifiedImageError
 from ..errors import InputError
 
 _HIGH_DEPTH_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
+
+MAX_IMAGE_PIXELS = 8192 * 8192  # the one cap on image size and --resolution (see the module docstring)
+_CAP = f"{MAX_IMAGE_PIXELS:,} pixels (8192x8192)"
+
+
+def check_resolution(resolution, key: str = "--resolution") -> int | None:
+    """None, or a positive integer R with R x R <= MAX_IMAGE_PIXELS (before anything is allocated)."""
+    if resolution is None:
+        return None
+    if isinstance(resolution, bool) or not isinstance(resolution, (int, np.integer)) or resolution < 1:
+        raise InputError(key, f"expected a positive integer, got {resolution!r}")
+    if int(resolution) ** 2 > MAX_IMAGE_PIXELS:
+        raise InputError(key, f"{resolution}x{resolution} is over the limit of {_CAP} per image")
+    return int(resolution)
+
+
+def display_name(name: str) -> str:
+    """A file name as printable UTF-8 text: undecodable bytes of a POSIX name (kept by Python as
+    surrogate escapes, PEP 383) become ``\\xff``; the real name is still used to open the file."""
+    try:
+        name.encode("utf-8")
+        return name
+    except UnicodeEncodeError:
+        try:
+            return os.fsencode(name).decode("utf-8", "backslashreplace")
+        except UnicodeEncodeError:
+            return name.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+# What reading an archive member (zip, npz, tar.gz) can raise, at open or only when the member is read to its
+# end: BadZipFile (bad header, bad CRC-32), zlib.error (corrupt deflate data), RuntimeError (zipfile: the member
+# is encrypted), NotImplementedError (zipfile: an unsupported compression method), EOFError and OSError
+# (truncated, BadGzipFile, bz2 errors), lzma.LZMAError (xz data).
+try:
+    from lzma import LZMAError
+except ImportError:  # Python built without lzma
+    LZMAError = zlib.error
+ARCHIVE_ERRORS = (zipfile.BadZipFile, zlib.error, LZMAError, RuntimeError, NotImplementedError, EOFError, OSError)
+
+
+def archive_problem(exc: BaseException) -> str:
+    """The InputError problem for one of ARCHIVE_ERRORS."""
+    kind = "zlib.error" if isinstance(exc, zlib.error) else exc.__class__.__name__  # zlib.error is named "error"
+    what = f"{kind}: {exc}" if str(exc) else kind
+    if isinstance(exc, RuntimeError) and "encrypted" in str(exc):
+        return "is encrypted (password-protected); sdmem reads unencrypted archives only"
+    if isinstance(exc, NotImplementedError):
+        return f"uses an unsupported compression method ({exc}); re-create the archive with deflate or no compression"
+    if isinstance(exc, EOFError):
+        return f"archive is truncated ({what})"
+    return f"corrupt or unreadable archive data ({what})"
 
 
 def to_rgb_array(arr: np.ndarray, where: str) -> np.ndarray:
@@ -45,17 +109,38 @@ def pil_to_rgb(img: Image.Image, where: str) -> np.ndarray:
     return to_rgb_array(np.asarray(img), where)
 
 
-_DECODE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+_DECODE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError)
+
+
+def _open_image(data: bytes | str | BinaryIO, where: str) -> Image.Image:
+    """Image.open, refusing images over MAX_IMAGE_PIXELS from the header alone, before anything is decoded."""
+    img = Image.open(io.BytesIO(data) if isinstance(data, bytes) else data)
+    w, h = img.size
+    if w * h > MAX_IMAGE_PIXELS:
+        img.close()
+        raise InputError(where, f"image is {w}x{h} = {w * h:,} pixels, over the limit of {_CAP}; "
+                                "not decoded (possible decompression bomb)")
+    return img
+
+
+@contextmanager
+def _image_errors(where: str):
+    """Context: PIL's errors -> InputError; its DecompressionBombWarning never escapes (the cap above decides)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            yield
+    except Image.DecompressionBombError as exc:  # PIL's own limit, if a caller set it below ours
+        raise InputError(where, f"image is over the limit of {_CAP} ({exc}); not decoded") from None
+    except _DECODE_ERRORS as exc:
+        raise InputError(where, f"unreadable or corrupt image ({exc.__class__.__name__}: {exc})") from None
 
 
 def decode_image(data: bytes | str | BinaryIO, where: str) -> np.ndarray:
     """Decode one image file (path, bytes or open binary file) to uint8 [H, W, 3]; corrupt -> InputError."""
-    try:
-        with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as img:
-            img.load()
-            return pil_to_rgb(img, where)
-    except _DECODE_ERRORS as exc:
-        raise InputError(where, f"unreadable or corrupt image ({exc.__class__.__name__}: {exc})") from None
+    with _image_errors(where), _open_image(data, where) as img:
+        img.load()  # ImageFile.LOAD_TRUNCATED_IMAGES stays False: a truncated file is an error, never grey pixels
+        return pil_to_rgb(img, where)
 
 
 def center_crop_resize(img: np.ndarray, resolution: int) -> np.ndarray:
@@ -130,7 +215,7 @@ class ArraySource(ImageSource):
         self.files = files if files is not None else [f"{i:06d}" for i in range(images.shape[0])]
         self.labels = labels
         self.class_names = class_names
-        self.resolution = resolution
+        self.resolution = resolution = check_resolution(resolution)
         h, w = images.shape[1:3]
         self.shape = (resolution, resolution, 3) if resolution else (h, w, 3)
 
@@ -176,7 +261,7 @@ class FileSource(ImageSource):
         self._loader = loader
         self.labels = labels
         self.class_names = class_names
-        self.resolution = resolution
+        self.resolution = resolution = check_resolution(resolution)
         if not files:
             raise InputError(name, "no images found")
         if resolution:
@@ -207,10 +292,7 @@ class FileSource(ImageSource):
 
 
 def image_size(data: bytes | str | BinaryIO, where: str) -> tuple[int, int]:
-    """(H, W) of an image file from its header, without decoding the pixels."""
-    try:
-        with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as img:
-            w, h = img.size
-            return h, w
-    except _DECODE_ERRORS as exc:
-        raise InputError(where, f"unreadable or corrupt image ({exc.__class__.__name__}: {exc})") from None
+    """(H, W) of an image file from its header, without decoding the pixels (over MAX_IMAGE_PIXELS: InputError)."""
+    with _image_errors(where), _open_image(data, where) as img:
+        w, h = img.size
+        return h, w

@@ -12,7 +12,7 @@ import tarfile
 import numpy as np
 
 from ..errors import InputError
-from .base import ArraySource
+from .base import ARCHIVE_ERRORS, ArraySource, archive_problem
 
 # Format (https://www.cs.toronto.edu/~kriz/cifar.html): data_batch_1..5 (train) and test_batch are Python 2
 # pickles (protocol 2) of {b"data": uint8 [10000, 3072] (1024 R, 1024 G, 1024 B, rows top to bottom),
@@ -83,7 +83,10 @@ def _batch(data: bytes, where: str) -> tuple[np.ndarray, np.ndarray]:
     if y is None:
         hint = " (this looks like CIFAR-100, which is not supported)" if _get(d, "fine_labels") is not None else ""
         raise InputError(where, f"no 'labels' list{hint}")
-    y = np.asarray(y)
+    try:
+        y = np.asarray(y)
+    except (ValueError, TypeError):  # ragged nested lists
+        raise InputError(where, f"expected {x.shape[0]} labels in 0..9, got a ragged {type(y).__name__}") from None
     if y.shape != (x.shape[0],) or y.dtype.kind not in "iu" or (y.size and (y.min() < 0 or y.max() > 9)):
         raise InputError(where, f"expected {x.shape[0]} labels in 0..9, got {y.shape} {y.dtype}")
     return x.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), y.astype(np.int64)  # CHW rows -> HWC
@@ -101,16 +104,31 @@ def _class_names(meta: bytes | None, where: str) -> list[str]:
 def _read_tar(path: str, wanted: list[str], where: str) -> dict[str, bytes]:
     """The members named in ``wanted`` (by base name) of a tar.gz, read into memory; nothing is extracted."""
     found: dict[str, bytes] = {}
+    member = None  # the member being read, named in errors
     try:
         with tarfile.open(path, "r:*") as tf:
             for m in tf:
                 base = posixpath.basename(m.name)
                 if m.isfile() and base in wanted and base not in found:
+                    member = base  # named like the batches in _batch: ARCHIVE/data_batch_1
                     found[base] = tf.extractfile(m).read()
+                    member = None
                     if len(found) == len(wanted):
                         break
-    except (tarfile.TarError, OSError, EOFError) as exc:
-        raise InputError(where, f"not a readable tar.gz archive ({exc.__class__.__name__}: {exc})") from None
+            if len(found) < len(wanted):
+                # tarfile ends its listing quietly at a damaged or zeroed header: read the rest of the stream,
+                # which shows a corrupt or truncated gzip file (and checks its CRC) or the data left unlisted.
+                rest = 0
+                while chunk := tf.fileobj.read(1 << 20):
+                    rest += len(chunk)
+                if rest > tarfile.RECORDSIZE:  # more than the end-of-archive padding
+                    raise InputError(where, f"damaged tar archive: its listing stops at byte {tf.offset:,}, "
+                                            f"{rest:,} bytes before the end")
+    except (tarfile.TarError, *ARCHIVE_ERRORS) as exc:
+        # A corrupt gzip stream may show only deep in the archive (zlib.error, EOFError, BadGzipFile)
+        problem = f"not a readable tar.gz archive ({exc.__class__.__name__}: {exc})" \
+            if isinstance(exc, tarfile.TarError) else archive_problem(exc)
+        raise InputError(where if member is None else f"{where}/{member}", problem) from None
     return found
 
 
@@ -139,8 +157,12 @@ def open_cifar10(path: str | os.PathLike, *, split: str | None = None, resolutio
         found = {}
         for member in wanted:
             if os.path.isfile(os.path.join(folder, member)):
-                with open(os.path.join(folder, member), "rb") as f:
-                    found[member] = f.read()
+                try:
+                    with open(os.path.join(folder, member), "rb") as f:
+                        found[member] = f.read()
+                except OSError as exc:
+                    raise InputError(os.path.join(folder, member), f"cannot read it ({exc.strerror or exc})") \
+                        from None
     else:
         found = _read_tar(path, wanted, name)
     missing = [m for m in SPLITS[split] if m not in found]

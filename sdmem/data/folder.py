@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
-from .base import FileSource, image_size
+from .base import FileSource, check_resolution, display_name, image_size
 
 SUPPORTED_IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -24,11 +24,16 @@ def is_image_name(name: str) -> bool:
     return not _hidden(base) and base.lower().endswith(SUPPORTED_IMAGE_EXTENSIONS)
 
 
+def _walk_error(exc: OSError):
+    # os.walk skips a folder it cannot list unless told: its images would silently be missing
+    raise InputError(display_name(exc.filename or "?"), f"cannot list this folder ({exc.strerror or exc})")
+
+
 def walk_files(root: str | os.PathLike) -> list[str]:
     """Every non-hidden file under root, as relative POSIX paths, sorted."""
     root = os.fspath(root)
     out = []
-    for dirpath, dirnames, filenames in os.walk(root):
+    for dirpath, dirnames, filenames in os.walk(root, onerror=_walk_error):
         dirnames[:] = [d for d in dirnames if not _hidden(d)]
         rel = os.path.relpath(dirpath, root)
         prefix = "" if rel == "." else Path(rel).as_posix() + "/"
@@ -42,7 +47,7 @@ def select_images(all_files: list[str], where: str, *, what: str = "folder") -> 
     if not files:
         if not all_files:
             raise InputError(where, f"{what} is empty")
-        sample = ", ".join(all_files[:3]) + (", ..." if len(all_files) > 3 else "")
+        sample = ", ".join(map(display_name, all_files[:3])) + (", ..." if len(all_files) > 3 else "")
         raise InputError(where, f"no supported images among {len(all_files)} file(s) ({sample}); supported extensions: "
                                 f"{', '.join(SUPPORTED_IMAGE_EXTENSIONS)} (any case)")
     return files
@@ -58,9 +63,9 @@ def folder_labels(files: list[str], where: str) -> tuple[np.ndarray, list[str]]:
     at_root = [f for f in files if "/" not in f]
     if at_root:
         more = f" and {len(at_root) - 1} more images are" if len(at_root) > 1 else " is"
-        raise InputError(where, f"labels need every image inside a class sub-folder, but {at_root[0]}{more} "
-                                "directly in the folder")
-    firsts = [f.split("/", 1)[0] for f in files]
+        raise InputError(where, f"labels need every image inside a class sub-folder, but "
+                                f"{display_name(at_root[0])}{more} directly in the folder")
+    firsts = [display_name(f.split("/", 1)[0]) for f in files]  # class names go into reports: UTF-8 text
     class_names = sorted(set(firsts))
     index = {c: k for k, c in enumerate(class_names)}
     return np.array([index[c] for c in firsts], np.int64), class_names
@@ -80,10 +85,16 @@ class PathLoader:
 def file_source(name: str, root: str | os.PathLike, files: list[str], *, labels: np.ndarray | None = None,
                 class_names: list[str] | None = None, resolution: int | None = None,
                 kind: str = "image folder") -> FileSource:
-    """A FileSource over files under ``root``; sizes are read from the headers now (corrupt headers fail here)."""
+    """A FileSource over files under ``root``; sizes are read from the headers now (corrupt headers fail here).
+
+    The loader opens the real names; ``source.files`` holds their printable UTF-8 forms (:func:`display_name`),
+    so a non-UTF-8 name (bytes that are not UTF-8, on POSIX) can go into summary.json and per_sample.csv.
+    """
+    check_resolution(resolution)
     loader = PathLoader(root, files)
-    sizes = [image_size(loader(i), f"{name.rstrip('/')}/{f}") for i, f in enumerate(files)]
-    src = FileSource(name, files, loader, sizes, labels=labels, class_names=class_names, resolution=resolution)
+    shown = [display_name(f) for f in files]
+    sizes = [image_size(loader(i), f"{name.rstrip('/')}/{f}") for i, f in enumerate(shown)]
+    src = FileSource(name, shown, loader, sizes, labels=labels, class_names=class_names, resolution=resolution)
     src.kind = kind
     return src
 

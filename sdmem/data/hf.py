@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import InputError
-from .base import ImageSource, center_crop_resize, decode_image, pil_to_rgb, to_rgb_array
+from .base import ImageSource, center_crop_resize, check_resolution, decode_image, pil_to_rgb, to_rgb_array
 
 _IMAGE_NAMES = ("image", "img")
 _LABEL_NAMES = ("label", "labels")
@@ -44,7 +44,7 @@ class HFSource(ImageSource):
         self.files = [f"{name}[{i}]" for i in range(len(ds))]
         self.labels = labels
         self.class_names = class_names
-        self.resolution = resolution
+        self.resolution = resolution = check_resolution(resolution)
         if not len(ds):
             raise InputError(name, "the dataset split is empty")
         first = self._decode(0)  # the size of every image, unless --resolution makes them all R×R
@@ -80,6 +80,7 @@ def open_hf(src: str, *, split: str | None = None, resolution: int | None = None
     """``hf:NAME[:SPLIT]`` (default split ``train``; a split in SRC wins over ``split``)."""
     name, src_split = parse_hf(src)
     split = src_split or split or "train"
+    resolution = check_resolution(resolution)  # before the dataset is downloaded or read
     try:
         import datasets
     except ImportError:

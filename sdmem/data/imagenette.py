@@ -8,7 +8,7 @@ import re
 import numpy as np
 
 from ..errors import InputError
-from .base import FileSource
+from .base import FileSource, display_name
 from .folder import file_source, list_images
 
 # https://github.com/fastai/imagenette: the ten classes, by ImageNet WordNet id (sorted = label order).
@@ -69,7 +69,7 @@ def open_imagenette(path: str | os.PathLike, *, split: str | None = None, resolu
     files = list_images(root, os.path.join(name, prefix) if prefix else name)
     at_root = next((f for f in files if "/" not in f), None)
     if at_root is not None:
-        raise InputError(os.path.join(name, prefix + at_root), "is not inside a wnid class folder")
+        raise InputError(display_name(os.path.join(name, prefix + at_root)), "is not inside a wnid class folder")
     index = {w: k for k, w in enumerate(wnids)}
     label_arr = np.array([index[f.split("/", 1)[0]] for f in files], np.int64)
     class_names = [IMAGENETTE_CLASSES.get(w, w) for w in wnids]

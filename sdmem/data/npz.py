@@ -9,7 +9,7 @@ import zipfile
 import numpy as np
 
 from ..errors import InputError
-from .base import ArraySource
+from .base import ARCHIVE_ERRORS, ArraySource, archive_problem
 
 
 def _check_images(dtype: np.dtype, shape: tuple, where: str) -> None:
@@ -58,16 +58,19 @@ def _read_member(path: str, zf: zipfile.ZipFile, key: str, where: str, check=Non
     offsets 26 and 28), then the member's bytes, here a .npy file (magic, header, raw array data).
     """
     info = zf.getinfo(key + ".npy")
-    with zf.open(info) as member:
-        shape, fortran, dtype = _read_header(member)
-        header_len = member.tell()
-        if check is not None:
-            check(dtype, shape, where)  # before reading: a 20 GB float array fails at once
-        if dtype.hasobject:
-            raise InputError(where, "holds Python objects (pickles), which sdmem never loads")
-    if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1 or 0 in shape:
-        with zf.open(info) as member:  # compressed (np.savez_compressed): into RAM
-            return np.lib.format.read_array(member, allow_pickle=False)
+    try:
+        with zf.open(info) as member:
+            shape, fortran, dtype = _read_header(member)
+            header_len = member.tell()
+            if check is not None:
+                check(dtype, shape, where)  # before reading: a 20 GB float array fails at once
+            if dtype.hasobject:
+                raise InputError(where, "holds Python objects (pickles), which sdmem never loads")
+        if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1 or 0 in shape:
+            with zf.open(info) as member:  # compressed (np.savez_compressed): into RAM
+                return np.lib.format.read_array(member, allow_pickle=False)
+    except ARCHIVE_ERRORS as exc:  # encrypted, unknown compression method, bad CRC-32, corrupt, truncated
+        raise InputError(where, archive_problem(exc)) from None
     with open(path, "rb") as f:
         f.seek(info.header_offset)
         head = f.read(30)
@@ -98,7 +101,7 @@ def open_npz(path: str | os.PathLike, *, resolution: int | None = None, labels: 
             if "class_names" in keys:  # optional: a str array, one name per label value
                 names = _read_member(path, zf, "class_names", f"{name}:class_names")
                 class_names = [str(c) for c in names] if names.dtype.kind in "US" else None
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+    except (ValueError, *ARCHIVE_ERRORS) as exc:
         raise InputError(name, f"not a readable .npz file ({exc.__class__.__name__}: {exc})") from None
     if labels and lab is None:
         raise InputError(name, f"labels were asked for, but there is no 'labels' array (keys: {', '.join(keys)})")
@@ -110,7 +113,7 @@ def open_npz(path: str | os.PathLike, *, resolution: int | None = None, labels: 
 def _open_npy(path: str, name: str, resolution: int | None, labels: bool) -> ArraySource:
     try:
         images = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError) as exc:
+    except (ValueError, OSError, EOFError) as exc:  # EOFError: an empty file
         raise InputError(name, f"not a readable .npy array of images ({exc})") from None
     _check_images(images.dtype, images.shape, name)
     if labels:

@@ -8,14 +8,14 @@ import json
 import os
 import zipfile
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
+from typing import Callable
 
 import numpy as np
 
 from ..errors import InputError
 from ..utils import atomic_write
 from . import open_source
-from .base import ImageSource
+from .base import ImageSource, check_resolution
 from .builtin import digits_source, lfw_source
 
 BUILTINS: dict[str, Callable[..., ImageSource]] = {"builtin:digits": digits_source, "builtin:lfw": lfw_source}
@@ -45,6 +45,7 @@ class Subset:
 def open_data_source(src: str, *, split: str | None = None, resolution: int | None = None,
                      labels: bool = False, key: str = "data.source") -> ImageSource:
     """open_source, plus the embedded sets builtin:digits and builtin:lfw; errors are prefixed with ``key``."""
+    check_resolution(resolution, "data.resolution")  # named by its config key, before anything is read
     if src.startswith("builtin:"):
         if src not in BUILTINS:
             raise InputError(key, f"unknown built-in set {src!r}; expected one of {', '.join(BUILTINS)}")
@@ -128,10 +129,7 @@ def _conditioning(data, n: int, num_classes: int, per: int) -> tuple[np.ndarray 
 
 
 def build_subset(data) -> Subset:
-    """Draw the training set D that ``data`` (a DataConfig or its dict) describes; same config, same D."""
-    if isinstance(data, Mapping):
-        from ..config import DataConfig, config_from_dict
-        data = config_from_dict(DataConfig, data)
+    """Draw the training set D that ``data`` (an EDM DataConfig) describes; same config, same D."""
     source = open_data_source(data.source, split=data.split, resolution=data.resolution)
     h, w, _ = source.shape
     if h != w:
