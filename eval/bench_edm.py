@@ -34,11 +34,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from sdmem.config import apply_overrides, load_config
+from sdmem.config import apply_overrides
+from sdmem.runs import load_config
 from sdmem.edm.generate import generate_images
 from sdmem.edm.loss import LOSSES
 from sdmem.edm.run import build_denoiser
-from sdmem.edm.train import step_seed, accumulate_gradients, ema_beta
+from sdmem.edm.train import accumulate_gradients, ema_beta
+from sdmem.training import step_seed
 
 NETS = {"cifar": ("train_configs/edm/cifar10.yaml", 32), "small": ("train_configs/smoke/edm.yaml", 8)}
 NUM_TRAIN = 512  # random training images the steps draw their minibatches from

@@ -59,11 +59,12 @@ def bench_model(name: str, comps, images: np.ndarray, prompts: list[str], labels
                 device: str) -> dict:
     """steps/s cached and uncached (interleaved rounds, best of each), cache build time, generation images/s."""
     from sdmem.config import config_from_dict
-    from sdmem.edm.train import batch_indices
+    from sdmem.training import batch_indices
     from sdmem.sd.cache import LatentCache, Uncached
     from sdmem.sd.config import SDConfig
     from sdmem.sd.generate import generate_images
-    from sdmem.sd.train import DTYPES, build_trainable, make_pipeline, sd_loss, to_device
+    from sdmem.sd.components import make_pipeline
+    from sdmem.sd.train import DTYPES, build_trainable, sd_loss, to_device
 
     cfg = config_from_dict(SDConfig, {"out_dir": "unused", "data": {"source": "unused", "size": len(images),
                                                                       "resolution": args.resolution},

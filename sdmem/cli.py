@@ -3,19 +3,39 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 from .errors import InputError, SdmemError
 
 
-def _positive_int(name: str):
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (``sdmem CMD: error: ...``, exit 2), like every other sdmem error."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())}\n")
+
+
+def _finite_float(name: str, lo: float, hi: float):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name}: expected a number, got {text!r}") from None
+        if not (math.isfinite(value) and lo <= value <= hi):
+            raise argparse.ArgumentTypeError(f"{name}: expected a finite number in [{lo:g}, {hi:g}], got {text!r}")
+        return value
+    return parse
+
+
+def _positive_int(name: str, most: int = 1 << 31):
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{name}: expected a positive integer, got {text!r}") from None
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"{name}: expected a positive integer, got {value}")
+        if not 0 < value <= most:
+            raise argparse.ArgumentTypeError(f"{name}: expected a positive integer up to {most}, got {value}")
         return value
     return parse
 
@@ -31,7 +51,7 @@ def _add_audit(sub) -> None:
     p.add_argument("--backend", default="auto", choices=["auto", "int8", "faiss", "torch"])
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--threshold", default="1/3", help="replica iff d1/d2 < T, T in (0, 1] (default 1/3)")
-    p.add_argument("--resolution", type=_positive_int("--resolution"), metavar="R",
+    p.add_argument("--resolution", type=_positive_int("--resolution", 8192), metavar="R",
                    help="centre-crop and Lanczos-resize every image to R x R")
     p.add_argument("--keep-duplicates", action="store_true",
                    help="search over every training image, exact duplicates included (d1 = d2 hides replicas)")
@@ -54,13 +74,13 @@ def _add_optimum(sub) -> None:
                        description="Samples D*(x; sigma) = sum_n softmax(-||x - x_n||^2 / 2 sigma^2)_n x_n with "
                                    "EDM's Heun sampler; one PNG per seed, named by the seed.")
     p.add_argument("--train", required=True, metavar="SRC")
-    p.add_argument("--num", required=True, type=_positive_int("--num"), metavar="N")
+    p.add_argument("--num", required=True, type=_positive_int("--num", 10_000_000), metavar="N")
     p.add_argument("--out", required=True, metavar="DIR")
     p.add_argument("--class-conditional", action="store_true", help="the class-conditional optimum (Eq. 61)")
-    p.add_argument("--steps", type=_positive_int("--steps"), default=18)
-    p.add_argument("--seed", type=int, default=0, help="first seed; images use seeds S .. S+N-1")
-    p.add_argument("--batch", type=_positive_int("--batch"), default=256)
-    p.add_argument("--resolution", type=_positive_int("--resolution"), metavar="R")
+    p.add_argument("--steps", type=_positive_int("--steps", 1000), default=18)
+    p.add_argument("--seed", type=_nonneg_int("--seed"), default=0, help="first seed; images use seeds S .. S+N-1")
+    p.add_argument("--batch", type=_positive_int("--batch", 4096), default=256)
+    p.add_argument("--resolution", type=_positive_int("--resolution", 8192), metavar="R")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_run_optimum)
@@ -85,16 +105,18 @@ def _add_demo(sub) -> None:
                                    "subset of scikit-learn's digits: replicas vs novel images. No downloads.")
     p.add_argument("--out", default="demo_out", metavar="DIR")
     p.add_argument("--train-size", type=_positive_int("--train-size"), default=500)
-    p.add_argument("--num", type=_positive_int("--num"), default=500, help="optimum samples and held-out images")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num", type=_positive_int("--num", 10_000_000), default=500, help="optimum samples and held-out images")
+    p.add_argument("--seed", type=_nonneg_int("--seed"), default=0)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_run_demo)
 
 
 def _run_demo(args) -> int:
     from .demo import run_demo
 
-    run_demo(args.out, train_size=args.train_size, num=args.num, seed=args.seed, device=args.device)
+    run_demo(args.out, train_size=args.train_size, num=args.num, seed=args.seed, device=args.device,
+             progress=not args.quiet)
     return 0
 
 
@@ -113,7 +135,7 @@ def _add_train(sub) -> None:
 def _run_train(args) -> int:
     import json
 
-    from .config import load_config
+    from .runs import load_config
 
     cfg = load_config(args.config, args.overrides)
     if cfg.kind == "sd":
@@ -157,6 +179,18 @@ def _run_train_sd(cfg, args) -> int:
     return 0
 
 
+def _nonneg_int(name: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name}: expected an integer >= 0, got {text!r}") from None
+        if not 0 <= value < 1 << 31:
+            raise argparse.ArgumentTypeError(f"{name}: expected an integer in [0, 2^31), got {value}")
+        return value
+    return parse
+
+
 def _seed_range(text: str) -> tuple[int, int]:
     try:
         a, _, b = text.partition("-")
@@ -175,7 +209,7 @@ def _add_generate(sub) -> None:
                                    "checkpoint step, DDIM with 50 steps, safety checker off; class prompts give "
                                    "N/C images per class in seed order (recorded in prompts.json).")
     p.add_argument("run", metavar="RUN", help="run folder (out_dir of sdmem train)")
-    p.add_argument("--num", type=_positive_int("--num"), metavar="N", help="images (seeds 0..N-1 unless --seeds)")
+    p.add_argument("--num", type=_positive_int("--num", 10_000_000), metavar="N", help="images (seeds 0..N-1 unless --seeds)")
     p.add_argument("--out", required=True, metavar="DIR")
     p.add_argument("--snapshot", default="latest", help="latest or an epoch number K (EDM); latest/final or a "
                    "checkpoint step (SD)")
@@ -183,26 +217,13 @@ def _add_generate(sub) -> None:
     p.add_argument("--class", dest="class_label", default="random", metavar="C|random",
                    help="class label for conditional runs (default: random per seed); SD class prompts: a class "
                         "index or name (default: N/C images per class)")
-    p.add_argument("--batch", type=_positive_int("--batch"), help="images per batch (default 256 EDM; SD: the run's generate.batch)")
-    p.add_argument("--steps", type=_positive_int("--steps"), help="sampler steps (default 18 EDM, 50 SD)")
-    p.add_argument("--guidance", type=float, metavar="W", help="SD classifier-free guidance scale (default: the "
+    p.add_argument("--batch", type=_positive_int("--batch", 4096), help="images per batch (default 256 EDM; SD: the run's generate.batch)")
+    p.add_argument("--steps", type=_positive_int("--steps", 1000), help="sampler steps (default 18 EDM, 50 SD)")
+    p.add_argument("--guidance", type=_finite_float("--guidance", 0, 100), metavar="W", help="SD classifier-free guidance scale (default: the "
                    "run's generate.guidance_scale, 7.5)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_run_generate)
-
-
-def _run_kind(run: str) -> str | None:
-    """The ``kind`` in a run folder's config.json (None when unreadable: the EDM path reports it)."""
-    import json
-    import os
-
-    try:
-        with open(os.path.join(run, "config.json"), encoding="utf-8") as f:
-            kind = json.load(f).get("kind")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return kind if isinstance(kind, str) else None
 
 
 def _run_generate(args) -> int:
@@ -211,7 +232,9 @@ def _run_generate(args) -> int:
     lo, hi = args.seeds if args.seeds else (0, args.num - 1)
     if args.seeds and args.num is not None and args.num != hi - lo + 1:
         raise InputError("--num", f"--num {args.num} disagrees with --seeds {lo}-{hi} ({hi - lo + 1} seeds)")
-    if _run_kind(args.run) == "sd":
+    from .runs import run_kind
+
+    if run_kind(args.run) == "sd":
         from .sd.generate import generate_run as generate_sd
 
         written = generate_sd(args.run, args.out, seeds=list(range(lo, hi + 1)), snapshot=args.snapshot,
@@ -229,10 +252,57 @@ def _run_generate(args) -> int:
     return 0
 
 
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def describe_io_error(exc: BaseException) -> str | None:
+    """One line for an error that comes from reading, decoding or writing a file (or memory): the path when the
+    error knows it, and the problem. None for anything else (a bug: its traceback is kept)."""
+    import json
+    import tarfile
+    import zipfile
+    import zlib
+
+    if isinstance(exc, OSError):
+        import errno
+
+        where = exc.filename if exc.filename is not None else "file system"
+        if isinstance(where, bytes):
+            where = where.decode("utf-8", "backslashreplace")
+        advice = {errno.ENOSPC: "the disk is full", errno.EROFS: "read-only file system",
+                  errno.EACCES: "permission denied", errno.EEXIST: "already exists",
+                  errno.ENOTDIR: "a path component is a file, not a folder", errno.EISDIR: "is a folder",
+                  errno.EXDEV: "cannot rename across file systems"}.get(exc.errno)
+        detail = exc.strerror or str(exc)
+        return f"{where}: {advice or detail}" + (f" ({detail})" if advice and detail != advice else "")
+    if isinstance(exc, MemoryError):
+        return "out of memory (a size option is too large for this machine: lower --batch, --num or --resolution)"
+    if isinstance(exc, json.JSONDecodeError):
+        return f"invalid JSON ({exc})"
+    if isinstance(exc, UnicodeError):
+        return f"a file or file name is not valid UTF-8 ({exc})"
+    if isinstance(exc, (zipfile.BadZipFile, zipfile.LargeZipFile, tarfile.TarError, zlib.error, EOFError)):
+        return f"corrupt or unsupported archive ({exc.__class__.__name__}: {exc})"
+    try:
+        from safetensors import SafetensorError
+        if isinstance(exc, SafetensorError):
+            return f"corrupt safetensors file ({exc})"
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        from PIL import Image, UnidentifiedImageError
+        if isinstance(exc, (UnidentifiedImageError, Image.DecompressionBombError)):
+            return f"unreadable image ({exc})"
+    except ImportError:  # pragma: no cover
+        pass
+    return None
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = argparse.ArgumentParser(prog="sdmem", description="Does a diffusion model memorize its training data?")
+    parser = _Parser(prog="sdmem", description="Does a diffusion model memorize its training data?")
     parser.add_argument("--version", action="version", version=f"sdmem {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_audit(sub)
@@ -249,8 +319,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except SdmemError as exc:
-        print(f"sdmem {args.command}: error: {exc}", file=sys.stderr)
+        print(f"sdmem {args.command}: error: {_one_line(str(exc))}", file=sys.stderr)
         return exc.exit_code
+    except Exception as exc:  # noqa: BLE001 (only the file, codec and memory errors below; the rest re-raised)
+        problem = describe_io_error(exc)
+        if problem is None:
+            raise
+        print(f"sdmem {args.command}: error: {_one_line(problem)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"sdmem {args.command}: interrupted", file=sys.stderr)
         return 130

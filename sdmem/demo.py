@@ -14,12 +14,11 @@ from pathlib import Path
 import numpy as np
 
 from .audit.api import audit
-from .audit.report import write_outputs
 from .data import ArraySource
 from .data.builtin import digits_source
 from .edm.optimum import sample_optimum
 from .errors import InputError
-from .utils import resolve_device
+from .utils import resolve_device, staged_folder
 
 
 def run_demo(out: str | os.PathLike = "demo_out", *, train_size: int = 500, num: int = 500, seed: int = 0,
@@ -40,24 +39,25 @@ def run_demo(out: str | os.PathLike = "demo_out", *, train_size: int = 500, num:
                        files=[f"digit{i:04d}" for i in held_idx])
     dev = resolve_device(device)
 
-    # The training subset goes into the report folder so any audit can be re-run from the command line.
-    def save_npz(path: Path, src: ArraySource) -> None:
-        with open(path, "wb") as f:
-            np.savez(f, images=src.load(), labels=src.labels)
-    write_outputs(out, {"train.npz": lambda p: save_npz(p, train), "heldout.npz": lambda p: save_npz(p, held)})
+    # Everything is built in a staging folder inside `out` and moved into place at the end: a failure leaves
+    # `out` as it was. The training subset goes into the folder so any audit can be re-run from the command line.
+    with staged_folder(out) as stage:
+        for name, src in (("train.npz", train), ("heldout.npz", held)):
+            with open(stage / name, "wb") as f:
+                np.savez(f, images=src.load(), labels=src.labels)
 
-    # Sample the optimum (Heun, 18 steps, seeds 0..num-1), then audit both sets against D.
-    sample_optimum(train, num, out / "optimum_samples", steps=18, seed=0, device=dev, progress=progress)
-    results = {}
-    for name, generated in (("optimum", out / "optimum_samples"), ("heldout", held)):
-        report = audit(train, generated, out=out / f"audit_{name}", device=dev, progress=progress)
-        results[name] = report.summary()
-    comparison = {
-        "train": {"source": "scikit-learn digits (8x8, 10 classes)", "size": train_size, "seed": seed},
-        "optimum": results["optimum"],
-        "heldout": results["heldout"],
-    }
-    write_outputs(out, {"summary.json": lambda p: p.write_text(json.dumps(comparison, indent=2) + "\n")})
+        # Sample the optimum (Heun, 18 steps, seeds 0..num-1), then audit both sets against D.
+        sample_optimum(train, num, stage / "optimum_samples", steps=18, seed=0, device=dev, progress=progress)
+        results = {}
+        for name, generated in (("optimum", stage / "optimum_samples"), ("heldout", held)):
+            report = audit(train, generated, out=stage / f"audit_{name}", device=dev, progress=progress)
+            results[name] = report.summary()
+        comparison = {
+            "train": {"source": "scikit-learn digits (8x8, 10 classes)", "size": train_size, "seed": seed},
+            "optimum": results["optimum"],
+            "heldout": results["heldout"],
+        }
+        (stage / "summary.json").write_text(json.dumps(comparison, indent=2) + "\n")
     print(format_table(comparison))
     print(f"reports: {out}/audit_optimum, {out}/audit_heldout (summary.json, per_sample.csv, replicas.png, "
           "ratio_hist.png)")

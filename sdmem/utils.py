@@ -1,10 +1,9 @@
-"""Small shared helpers: device choice, atomic file writes, and the one place that sets up processes.
-
-torch and accelerate are imported inside the functions, so the data layer can use this module cheaply.
-"""
+"""Small shared helpers: device choice and atomic file writes (torch is imported inside the functions, so the
+data layer can use this module cheaply)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Callable
@@ -53,29 +52,33 @@ def save_png(path: str | os.PathLike, image: np.ndarray) -> None:
     atomic_write(path, lambda p: Image.fromarray(image).save(p, format="PNG"))
 
 
-def make_accelerator(project_dir: Path, logging_dir: Path, *, mixed_precision: str = "no"):
-    """accelerate's Accelerator for one run: CPU when no GPU is visible, TensorBoard when installed."""
-    import torch
-    from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
+@contextlib.contextmanager
+def staged_folder(out: str | os.PathLike):
+    """Build a folder's content in ``out/.staging-PID`` and move it into ``out`` only when the block succeeds:
+    a failure leaves ``out`` as it was (removed again if this call created it). The staging folder lives inside
+    ``out`` itself, so every rename stays on one file system."""
+    import shutil
 
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise InputError(out, "exists and is not a folder")
+    created = not out.exists()
     try:
-        import tensorboard  # noqa: F401
-        log_with = "tensorboard"
-    except ImportError:
-        log_with = None
-    project = ProjectConfiguration(project_dir=str(project_dir), logging_dir=str(logging_dir))
-    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision, log_with=log_with,
-                       project_config=project)
-
-
-def finish_accelerator(acc) -> None:
-    """End cleanly: a barrier and destroy_process_group (end_training sometimes aborted a gloo rank)."""
-    import torch
-
-    acc.wait_for_everyone()
-    if acc.is_main_process:
-        for tracker in acc.trackers:
-            tracker.finish()
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(out, f"cannot create the folder ({exc.strerror or exc})") from None
+    stage = out / f".staging-{os.getpid()}"
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir()
+    try:
+        yield stage
+        for entry in sorted(stage.iterdir()):
+            target = out / entry.name
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            os.replace(entry, target)
+    except BaseException:
+        shutil.rmtree(out if created else stage, ignore_errors=True)
+        raise
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)

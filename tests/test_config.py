@@ -8,8 +8,9 @@ import json
 import pytest
 import yaml
 
-from sdmem.config import (DataConfig, EDMConfig, ModelConfig, apply_overrides, config_from_dict, config_hash,
-                          config_to_dict, diff_configs, load_config, network_kwargs, num_params, training_keys)
+from sdmem.config import apply_overrides, config_from_dict, config_to_dict, diff_configs, fingerprint, training_keys
+from sdmem.edm.config import DataConfig, EDMConfig, ModelConfig, network_kwargs, num_params
+from sdmem.runs import load_config
 from helpers import raises
 
 BASIC = """\
@@ -171,10 +172,10 @@ def test_diff_and_hash():
     a = config_from_dict(EDMConfig, minimal())
     b = apply_overrides(a, ["out_dir=elsewhere", "train.epochs=100", "track.num_images=5", "train.batch_gpu=64"])
     assert diff_configs(a, b) == ["out_dir", "train.epochs", "train.batch_gpu", "track.num_images"]
-    assert config_hash(a) == config_hash(b)  # none of these changes what is learnt
+    assert fingerprint(a) == fingerprint(b)  # none of these changes what is learnt
     c = apply_overrides(a, ["train.lr=1e-4"])
-    assert config_hash(c) != config_hash(a) and diff_configs(a, c.to_dict()) == ["train.lr"]
-    assert config_hash(a) == config_hash(config_from_dict(EDMConfig, json.loads(json.dumps(a.to_dict()))))
+    assert fingerprint(c) != fingerprint(a) and diff_configs(a, c.to_dict()) == ["train.lr"]
+    assert fingerprint(a) == fingerprint(config_from_dict(EDMConfig, json.loads(json.dumps(a.to_dict()))))
     assert "train.lr" in training_keys(EDMConfig) and "out_dir" not in training_keys(EDMConfig)
 
 
@@ -191,6 +192,6 @@ def test_track_backends_match_the_audit():
     from typing import get_args, get_type_hints
 
     from sdmem.audit.knn import BACKENDS
-    from sdmem.config import TrackConfig
+    from sdmem.edm.config import TrackConfig
     assert set(get_args(get_type_hints(TrackConfig)["backend"])) == set(BACKENDS)
     assert config_to_dict(TrackConfig())["backend"] == "auto"

@@ -14,10 +14,12 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from sdmem.config import apply_overrides, load_config
+from sdmem.config import apply_overrides
+from sdmem.runs import load_config
 from sdmem.edm import train as train_mod
 from sdmem.edm.generate import generate_run
-from sdmem.edm.train import Schedule, batch_indices, ema_beta, train
+from sdmem.edm.train import Schedule, ema_beta, train
+from sdmem.training import batch_indices
 from sdmem.errors import InputError, SdmemError
 
 TINY = """
@@ -79,17 +81,28 @@ def test_train_tracks_snapshots_and_generates(tmp_path):
     logs = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logs] == list(range(2, 17, 2)) and all(np.isfinite(r["loss"]) for r in logs)
     assert logs[0]["lr"] < logs[-1]["lr"] == pytest.approx(2e-4)
-    # Generation: one PNG per seed, independent of the batch size, resumable, labels recorded.
+    # Generation: one PNG per seed from its own noise (another batch grid: equal up to batched-kernel rounding),
+    # classes recorded in the manifest; a resume re-renders whole grid blocks, so it is byte-equal.
     n1 = generate_run(run, tmp_path / "g1", seeds=list(range(7)), batch=3, steps=4, device="cpu", progress=False)
     n2 = generate_run(run, tmp_path / "g2", seeds=list(range(7)), batch=8, steps=4, device="cpu", progress=False)
     assert n1 == n2 == 7
+    before = {k: (tmp_path / "g1" / f"{k:06d}.png").read_bytes() for k in range(7)}
     for k in range(7):
-        a = np.asarray(Image.open(tmp_path / "g1" / f"{k:06d}.png"))
-        assert np.array_equal(a, np.asarray(Image.open(tmp_path / "g2" / f"{k:06d}.png")))
-    assert set(json.loads((tmp_path / "g1" / "labels.json").read_text()).values()) <= {0, 1}
+        a = np.asarray(Image.open(tmp_path / "g1" / f"{k:06d}.png")).astype(int)
+        assert np.abs(a - np.asarray(Image.open(tmp_path / "g2" / f"{k:06d}.png"))).max() <= 1
+    manifest = json.loads((tmp_path / "g1" / "manifest.json").read_text())
+    assert {v["class"] for v in manifest["images"].values()} <= {0, 1}
+    assert manifest["settings"]["snapshot"] == "epoch 8" and manifest["settings"]["batch"] == 3
     os.remove(tmp_path / "g1" / "000003.png")
+    (tmp_path / "g1" / "000004.png").write_bytes(before[4][: len(before[4]) // 2])  # truncated: not done
     assert generate_run(run, tmp_path / "g1", seeds=list(range(7)), batch=3, steps=4, device="cpu",
-                        progress=False) == 1
+                        progress=False) == 2
+    assert all((tmp_path / "g1" / f"{k:06d}.png").read_bytes() == before[k] for k in range(7))
+    # Another snapshot, step count or class into the same folder is refused by name.
+    for kw, name in ((dict(snapshot="4"), "snapshot"), (dict(steps=5), "steps"), (dict(class_label=1), "class")):
+        with pytest.raises(InputError, match=name):
+            generate_run(run, tmp_path / "g1", seeds=list(range(7)), **{"batch": 3, "steps": 4, **kw},
+                         device="cpu", progress=False)
     with pytest.raises(InputError, match="--class"):
         generate_run(run, tmp_path / "g3", seeds=[0], class_label=5, steps=4, device="cpu", progress=False)
     # The auditor takes the run folder as --train: exactly the saved subset D.
@@ -131,6 +144,10 @@ def test_resume_after_kill_is_bitwise_equal(tmp_path):
     assert wa.keys() == wb.keys()
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k
+    # The log of the resumed run equals the uninterrupted one's: rows past the checkpoint dropped, none repeated.
+    steps = [[json.loads(line)["step"] for line in (tmp_path / r / "log.jsonl").read_text().splitlines()]
+             for r in ("a", "b")]
+    assert steps[0] == steps[1] and len(set(steps[1])) == len(steps[1])
 
 
 def load_file_meta(path):

@@ -178,30 +178,25 @@ def read_pngs(paths):
     return np.stack([np.asarray(Image.open(p)) for p in paths])
 
 
-def test_sample_optimum_replicas_resume_and_batch_independence(tmp_path):
+def test_sample_optimum_gives_replicas_and_agrees_across_batch_sizes(tmp_path):
     train = rand_images(64, res=8, seed=7)
     src = ArraySource("train.npz", train)
     paths = sample_optimum(src, 24, tmp_path / "a", seed=5, batch_size=3, progress=False)
     assert [p.name for p in paths] == [f"{s:06d}.png" for s in range(5, 29)]
-    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == [p.name for p in paths]  # no temp files left
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == [p.name for p in paths] + ["manifest.json"]
     samples = read_pngs(paths)
     assert samples.shape == (24, 8, 8, 3) and replica_fraction(samples, train) >= 0.99
-    paths_b = sample_optimum(src, 24, tmp_path / "b", seed=5, batch_size=8, progress=False)
-    assert all(pa.read_bytes() == pb.read_bytes() for pa, pb in zip(paths, paths_b))
-    # Resume: existing files are kept as they are, missing ones are redone identically.
-    keep, redo = paths[0], paths[7]
-    keep.write_bytes(b"sentinel")
-    before = redo.read_bytes()
-    redo.unlink()
-    sample_optimum(src, 24, tmp_path / "a", seed=5, batch_size=3, progress=False)
-    assert keep.read_bytes() == b"sentinel" and redo.read_bytes() == before
+    # Another batch grid: each image from its own seed's noise, so the same images up to batched-kernel rounding.
+    other = read_pngs(sample_optimum(src, 24, tmp_path / "b", seed=5, batch_size=8, progress=False))
+    assert np.abs(samples.astype(int) - other.astype(int)).max() <= 1
 
 
 def test_sample_optimum_class_conditional(tmp_path):
     train, labels = rand_images(64, res=8, seed=8), np.arange(64) % 4 * 10  # classes 0, 10, 20, 30
     src = ArraySource("train.npz", train, labels=labels)
     paths = sample_optimum(src, 16, tmp_path / "c", class_conditional=True, batch_size=5, progress=False)
-    mapping = json.loads((tmp_path / "c" / "labels.json").read_text())
+    images = json.loads((tmp_path / "c" / "manifest.json").read_text())["images"]
+    mapping = {name: v["class"] for name, v in images.items()}
     assert sorted(mapping) == [p.name for p in paths] and set(mapping.values()) <= {0, 10, 20, 30}
     flat = train.reshape(64, -1)
     for p, img in zip(paths, read_pngs(paths)):

@@ -18,7 +18,8 @@ for _name in ("diffusers", "transformers", "peft"):  # the sd extra
     pytest.importorskip(_name)
 
 from sdmem import cli  # noqa: E402
-from sdmem.config import apply_overrides, config_to_dict, load_config  # noqa: E402
+from sdmem.config import apply_overrides, config_to_dict  # noqa: E402
+from sdmem.runs import load_config  # noqa: E402
 from sdmem.errors import InputError  # noqa: E402
 from sdmem.sd.config import SDConfig  # noqa: E402
 
@@ -113,7 +114,6 @@ def test_paper_configs_table3_and_smoke_config():
 
 def test_prompt_construction():
     from sdmem.sd.data import prompt_table
-    from sdmem.sd.generate import seed_prompts
 
     names = ["tench", "English springer", "cassette player"]
     plain = load_config_from_dict(prompt="plain")
@@ -125,20 +125,35 @@ def test_prompt_construction():
     assert prompt_table(custom.data, names)[1] == "a photo of English springer, from Imagenette"
     with pytest.raises(InputError, match="class names"):
         prompt_table(klass.data, None)
-    # Generation: N/C images per class in seed order (the paper: 1k per class for 10k images), or one class.
+
+
+def test_class_rule_gives_n_over_c_per_class_in_seed_order_or_one_class():
+    from sdmem.sd.generate import class_rule
+
+    names = ["tench", "English springer", "cassette player"]
+    plain, klass = load_config_from_dict(prompt="plain"), load_config_from_dict(prompt="class")
+
+    def conds(cfg, seeds, class_names, label="random"):
+        rule = class_rule(cfg, class_names, label, min(seeds), len(seeds))
+        return [rule(s) for s in seeds]
+
+    # The paper: 1k per class for 10k images, in seed order.
     ten = [f"c{k}" for k in range(10)]
-    prompts, classes = seed_prompts(klass, list(range(10_000)), ten)
+    c = conds(klass, list(range(10_000)), ten)
+    classes = [x["class"] for x in c]
     assert np.bincount(classes).tolist() == [1000] * 10 and classes[999] == 0 and classes[1000] == 1
-    assert prompts[9999] == "a picture of a c9"
-    _, classes = seed_prompts(klass, list(range(100, 125)), ten)  # 25 seeds: 2 or 3 per class, in order
+    assert c[9999]["prompt"] == "a picture of a c9"
+    classes = [x["class"] for x in conds(klass, list(range(100, 125)), ten)]  # 25 seeds: 2 or 3 per class
     assert sorted(set(np.bincount(classes).tolist())) == [2, 3] and classes == sorted(classes)
-    assert seed_prompts(klass, [0, 1], names, "English springer")[1] == [1, 1]
-    assert seed_prompts(klass, [0], names, "2")[0] == ["a picture of a cassette player"]
-    assert seed_prompts(plain, [5, 6], None) == (["a picture"] * 2, [None, None])
+    assert [x["class"] for x in conds(klass, [0, 1], names, "English springer")] == [1, 1]
+    assert conds(klass, [0], names, "2")[0]["prompt"] == "a picture of a cassette player"
+    assert conds(plain, [5, 6], None) == [{"prompt": "a picture"}] * 2
+    # Seeds outside the request (a grid block's padding) get a valid class too.
+    assert class_rule(klass, names, "random", 10, 9)(25)["class"] == 2
     with pytest.raises(InputError, match="--class"):
-        seed_prompts(plain, [0], None, "1")
+        conds(plain, [0], None, "1")
     with pytest.raises(InputError, match="--class"):
-        seed_prompts(klass, [0], names, "7")
+        conds(klass, [0], names, "7")
 
 
 def load_config_from_dict(**data):

@@ -46,8 +46,8 @@ def _env():
     return dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
 
 
-@pytest.fixture(autouse=True)
-def _threads():
+@pytest.fixture(autouse=True, scope="module")
+def _threads():  # module-wide: the module-scoped runs and images are made with the same thread count
     n = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny nets on a shared 2-core machine: more threads only add contention
     yield
@@ -144,39 +144,76 @@ def test_saved_outputs_reload_into_a_fresh_pipeline_exactly(runs, name):
     assert not np.array_equal(a, generate_images(base, prompts, seeds, resolution=32, steps=4, guidance_scale=7.5))
 
 
-def test_generation_is_seeded_batch_independent_resumable_and_audits(runs):
-    from sdmem.audit import audit
+def _pngs(folder: Path, seeds) -> np.ndarray:
+    return np.stack([np.asarray(Image.open(folder / f"{k:06d}.png")) for k in seeds])
+
+
+@pytest.fixture(scope="module")
+def generated(runs):
+    """Seeds 0-9 of the LoRA run (class prompts) on the batch grid 3."""
+    from sdmem.sd.generate import generate_run
+
+    out = runs["tmp"] / "g1"
+    assert generate_run(runs["lora"], out, seeds=list(range(10)), batch=3, steps=4, device="cpu", progress=False) == 10
+    return out
+
+
+GEN = dict(seeds=list(range(10)), steps=4, device="cpu", progress=False)
+
+
+def test_generation_records_every_seed_prompt_in_the_manifest(generated):
+    record = json.loads((generated / "manifest.json").read_text())
+    assert [v["class"] for v in record["images"].values()] == list(range(10))  # N/10 per class, in seed order
+    assert record["images"]["000001.png"]["prompt"] == "a picture of a English springer"
+    assert record["settings"]["guidance_scale"] == 7.5 and record["settings"]["steps"] == 4
+    assert record["settings"]["batch"] == 3 and record["settings"]["size"] == [32, 32]
+    assert len({im.tobytes() for im in _pngs(generated, range(10))}) == 10
+
+
+def test_generation_on_another_batch_grid_agrees_within_one_level(runs, generated):
+    from sdmem.sd.generate import generate_run
+
+    assert generate_run(runs["lora"], runs["tmp"] / "g2", batch=7, **GEN) == 10
+    a, b = _pngs(generated, range(10)).astype(int), _pngs(runs["tmp"] / "g2", range(10)).astype(int)
+    # The same per-seed noise; batched kernels may round differently on another grid (a stated tolerance).
+    assert np.abs(a - b).max() <= 1 and (a == b).mean() > 0.99
+
+
+def test_resumed_generation_is_byte_equal(runs, generated):
+    from sdmem.sd.generate import generate_run
+
+    before = {k: (generated / f"{k:06d}.png").read_bytes() for k in range(10)}
+    os.remove(generated / "000004.png")
+    (generated / "000007.png").write_bytes(b"")  # emptied: not done
+    assert generate_run(runs["lora"], generated, batch=3, **GEN) == 2  # only the missing and the broken seed
+    assert all((generated / f"{k:06d}.png").read_bytes() == before[k] for k in range(10))
+
+
+@pytest.mark.parametrize("change,name", [(dict(guidance=3.0), "guidance_scale"), (dict(steps=5), "steps"),
+                                         (dict(batch=4), "batch"), (dict(snapshot="4"), "snapshot"),
+                                         (dict(class_label="tench"), "class")])
+def test_generation_with_other_settings_is_refused(runs, generated, change, name):
     from sdmem.errors import InputError
     from sdmem.sd.generate import generate_run
 
-    tmp = runs["tmp"]
-    kw = dict(seeds=list(range(10)), steps=4, device="cpu", progress=False)
-    assert generate_run(runs["lora"], tmp / "g1", batch=3, **kw) == 10
-    assert generate_run(runs["lora"], tmp / "g2", batch=7, **kw) == 10
-    # Each image starts from its own seed's noise, whatever the batch; the images then agree up to the float
-    # rounding of batched kernels (on this CPU: equal, or one pixel off by 1/255 when a batch holds one image).
-    a = np.stack([np.asarray(Image.open(tmp / "g1" / f"{k:06d}.png")) for k in range(10)]).astype(int)
-    b = np.stack([np.asarray(Image.open(tmp / "g2" / f"{k:06d}.png")) for k in range(10)]).astype(int)
-    assert a.shape == (10, 32, 32, 3) and np.abs(a - b).max() <= 1 and (a == b).mean() > 0.999
-    assert np.array_equal(a[:6], b[:6])
-    assert len({im.tobytes() for im in a.astype(np.uint8)}) == 10
-    record = json.loads((tmp / "g1" / "prompts.json").read_text())
-    assert [v["class"] for v in record["images"].values()] == list(range(10))  # N/10 per class, in seed order
-    assert record["images"]["000001.png"]["prompt"] == "a picture of a English springer"
-    assert record["guidance_scale"] == 7.5 and record["steps"] == 4
-    os.remove(tmp / "g1" / "000004.png")
-    assert generate_run(runs["lora"], tmp / "g1", batch=3, **kw) == 1  # resumes: only the missing seed
-    assert np.array_equal(np.asarray(Image.open(tmp / "g1" / "000004.png")), a[4])  # regenerated exactly
-    with pytest.raises(InputError, match="guidance_scale"):
-        generate_run(runs["lora"], tmp / "g1", batch=3, guidance=3.0, **kw)
-    # A full run with the plain prompt; --class is refused there.
-    assert generate_run(runs["full"], tmp / "g3", batch=4, **dict(kw, seeds=[0, 1, 2])) == 3
+    with pytest.raises(InputError, match=name):
+        generate_run(runs["lora"], generated, **{"batch": 3, **GEN, **change})
+
+
+def test_full_run_generates_with_the_plain_prompt_and_refuses_a_class(runs):
+    from sdmem.errors import InputError
+    from sdmem.sd.generate import generate_run
+
+    assert generate_run(runs["full"], runs["tmp"] / "g3", batch=4, **dict(GEN, seeds=[0, 1, 2])) == 3
     with pytest.raises(InputError, match="--class"):
-        generate_run(runs["full"], tmp / "g4", class_label="2", **kw)
-    # The auditor takes the run folder: its exact subset at the training resolution.
-    report = audit(runs["lora"], tmp / "g1", progress=False)
-    assert len(report.replica) == 10
+        generate_run(runs["full"], runs["tmp"] / "g4", class_label="2", **GEN)
+
+
+def test_audit_takes_the_run_folder(runs, generated):
+    from sdmem.audit import audit
     from sdmem.data.subset import load_subset
+
+    assert len(audit(runs["lora"], generated, progress=False).replica) == 10
     d = load_subset(runs["full"])
     assert audit(runs["full"], np.asarray(d.images[:2]), progress=False).replica.all()
 
@@ -215,7 +252,7 @@ def test_lora_save_then_load_is_exact(tmp_path, assets):
     from sdmem.sd.components import ddim_scheduler, load_components, quiet_diffusers
     from sdmem.sd.generate import generate_images
     from sdmem.sd.lora import add_lora, save_lora
-    from sdmem.sd.train import make_pipeline
+    from sdmem.sd.components import make_pipeline
 
     comps = load_components(str(assets["model"]))
     torch.manual_seed(0)

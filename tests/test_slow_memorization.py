@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from sdmem.config import load_config
+from sdmem.runs import load_config
 from sdmem.edm.train import train
 
 pytestmark = pytest.mark.slow

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sdmem.config import DataConfig
+from sdmem.edm.config import DataConfig
 from sdmem.data import open_source
 from sdmem.data.subset import build_subset, load_subset, save_subset
 from helpers import raises
@@ -133,7 +133,7 @@ def test_unlabelled_source_random_subset(tmp_path):
 
 
 def test_builtin_digits():
-    s = build_subset({"source": "builtin:digits", "size": 50, "labels": "true"})  # a dict works too
+    s = build_subset(DataConfig(source="builtin:digits", size=50, labels="true"))
     assert s.images.shape == (50, 8, 8, 3) and np.bincount(s.true_labels).tolist() == [5] * 10
     assert s.label_dim == 10 and s.class_names == [str(d) for d in range(10)]
 

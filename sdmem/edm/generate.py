@@ -1,8 +1,8 @@
-"""`sdmem generate`: sample a run's EMA snapshot with the Heun sampler, one PNG per seed, resumable."""
+"""`sdmem generate` for an EDM run: its EMA snapshot with the Heun sampler, one PNG per seed, through the shared
+generation core (fixed seed grid, manifest, verified resume)."""
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -10,9 +10,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..config import fingerprint
 from ..errors import InputError
-from ..utils import atomic_write_text, resolve_device, save_png
-from .run import is_run_dir, load_snapshot, resolve_snapshot
+from ..generation import Plan, generate_folder
+from ..runs import read_run_config
+from ..utils import resolve_device
+from .run import load_snapshot, resolve_snapshot, snapshot_info
 from .sampler import heun_sampler, seeded_class_labels, seeded_latents, to_uint8
 
 
@@ -27,53 +30,70 @@ def class_labels_for(seeds: list[int], label_dim: int, class_label: int | None) 
 
 @torch.no_grad()
 def generate_images(denoiser, seeds: list[int], *, resolution: int, label_dim: int, device, batch: int,
-                    steps: int = 18, class_label: int | None = None, progress: bool = False) -> np.ndarray:
-    """uint8 [len(seeds), R, R, 3] with the Heun sampler, one seed per image (batch-size independent)."""
+                    steps: int = 18, class_label: int | None = None, labels: torch.Tensor | None = None,
+                    progress: bool = False) -> np.ndarray:
+    """uint8 [len(seeds), R, R, 3] with the Heun sampler in batches of ``batch``, one seed per image.
+
+    ``labels`` (int64 [len(seeds)]) overrides the class rule of ``class_label``.
+    """
     out = np.empty((len(seeds), resolution, resolution, 3), np.uint8)
+    if labels is None:
+        labels = class_labels_for(seeds, label_dim, class_label)
     for start in tqdm(range(0, len(seeds), batch), disable=not progress, desc="generate", unit="batch"):
         chunk = seeds[start : start + batch]
         latents = seeded_latents(chunk, (3, resolution, resolution), device)
-        labels = class_labels_for(chunk, label_dim, class_label)
-        labels = None if labels is None else labels.to(device)
-        out[start : start + len(chunk)] = to_uint8(heun_sampler(denoiser, latents, labels, num_steps=steps))
+        lab = None if labels is None else labels[start : start + len(chunk)].to(device)
+        out[start : start + len(chunk)] = to_uint8(heun_sampler(denoiser, latents, lab, num_steps=steps))
     return out
+
+
+def _fixed_class(class_label: str | int | None, label_dim: int) -> int | None:
+    if class_label in (None, "random"):
+        return None
+    try:
+        fixed = int(class_label)
+    except ValueError:
+        raise InputError("--class", f"expected a class index or random, got {class_label!r}") from None
+    if not label_dim:
+        raise InputError("--class", "this run is unconditional (labels: none); it takes no class")
+    if not 0 <= fixed < label_dim:
+        raise InputError("--class", f"expected a class in [0, {label_dim}), got {fixed}")
+    return fixed
+
+
+def run_plan(run_dir: str | os.PathLike, *, snapshot: str = "latest", class_label: str | int | None = "random",
+             batch: int = 256, steps: int = 18, device: str = "auto") -> Plan:
+    """The generation plan of an EDM run's snapshot (the weights load only when images are missing)."""
+    cfg = read_run_config(run_dir, "edm")
+    path = resolve_snapshot(run_dir, snapshot)
+    _, meta = snapshot_info(path)
+    label_dim, res = meta["label_dim"], meta["img_resolution"]
+    fixed = _fixed_class(class_label, label_dim)
+    dev = resolve_device(device)
+    settings = {"made_by": {"kind": "edm", "fingerprint": fingerprint(cfg)}, "snapshot": f"epoch {meta['epoch']}",
+                "sampler": "edm-heun", "steps": steps, "batch": batch, "size": [res, res]}
+
+    def condition(seed: int) -> dict:
+        if not label_dim:
+            return {}
+        return {"class": fixed if fixed is not None else int(seeded_class_labels([seed], label_dim)[0])}
+
+    def load():
+        net, _, _ = load_snapshot(path, dev)
+
+        def render(seeds: list[int], conds: list[dict]) -> np.ndarray:
+            labels = torch.tensor([c["class"] for c in conds], dtype=torch.int64) if label_dim else None
+            return generate_images(net, seeds, resolution=res, label_dim=label_dim, device=dev, batch=len(seeds),
+                                   steps=steps, labels=labels)
+        return render
+
+    info = {"run": str(Path(run_dir).resolve()), "snapshot_file": path.name, "device": dev}
+    return Plan(settings, condition, load, info)
 
 
 def generate_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, seeds: list[int],
                  snapshot: str = "latest", class_label: str | int | None = "random", batch: int = 256,
                  steps: int = 18, device: str = "auto", progress: bool = True) -> int:
-    """Write ``{seed:06d}.png`` for every seed not already in ``out_dir``; returns how many were new."""
-    if not is_run_dir(run_dir):
-        raise InputError(run_dir, "is not an sdmem run folder (expected config.json and subset.npz from sdmem train)")
-    dev = resolve_device(device)
-    net, cfg, meta = load_snapshot(resolve_snapshot(run_dir, snapshot), dev)
-    label_dim, res = int(meta["label_dim"]), int(meta["img_resolution"])
-    fixed = None
-    if class_label not in (None, "random"):
-        try:
-            fixed = int(class_label)
-        except ValueError:
-            raise InputError("--class", f"expected a class index or random, got {class_label!r}") from None
-        if not label_dim:
-            raise InputError("--class", "this run is unconditional (labels: none); it takes no class")
-        if not 0 <= fixed < label_dim:
-            raise InputError("--class", f"expected a class in [0, {label_dim}), got {fixed}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    todo = [s for s in seeds if not (out / f"{s:06d}.png").exists()]
-    if label_dim:
-        labels_path = out / "labels.json"
-        known = json.loads(labels_path.read_text()) if labels_path.exists() else {}
-        labels = class_labels_for(seeds, label_dim, fixed).tolist()
-        known.update({f"{s:06d}.png": int(c) for s, c in zip(seeds, labels)})
-        atomic_write_text(labels_path, json.dumps(dict(sorted(known.items())), indent=1) + "\n")
-    bar = tqdm(total=len(todo), disable=not progress, desc="generate", unit="img")
-    for start in range(0, len(todo), batch):
-        chunk = todo[start : start + batch]
-        images = generate_images(net, chunk, resolution=res, label_dim=label_dim, device=dev, batch=batch,
-                                 steps=steps, class_label=fixed)
-        for s, img in zip(chunk, images):
-            save_png(out / f"{s:06d}.png", img)
-        bar.update(len(chunk))
-    bar.close()
-    return len(todo)
+    """Write ``{seed:06d}.png`` for every seed not already done in ``out_dir``; returns how many were new."""
+    plan = run_plan(run_dir, snapshot=snapshot, class_label=class_label, batch=batch, steps=steps, device=device)
+    return generate_folder(out_dir, seeds, plan, progress=progress)

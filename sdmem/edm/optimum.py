@@ -14,17 +14,15 @@ cancellation: D* is then within ~1 fp32 ulp of the float64 softmax, and exactly 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from ..audit.gemm import row_blocks, sqdist, sqnorms
 from ..data.base import ImageSource
 from ..errors import InputError
-from ..utils import atomic_write_text, save_png
+from ..generation import Plan, array_fingerprint, generate_folder, image_name
 from .sampler import from_uint8, heun_sampler, seeded_class_labels, seeded_latents, to_uint8
 
 _NEG_INF = float("-inf")
@@ -165,42 +163,47 @@ class OptimalDenoiser:
         return out
 
 
+def optimum_plan(source: ImageSource, *, class_conditional: bool = False, steps: int = 18, batch_size: int = 256,
+                 device: str | torch.device = "cpu") -> Plan:
+    """The generation plan of the optimum of ``source``: made by its training set's fingerprint (images, and labels
+    when class-conditional), so a folder is never extended from another training set."""
+    if len(source) == 0:
+        raise InputError(source.name, "no training images")
+    if class_conditional and source.labels is None:
+        raise InputError(source.name, "class-conditional sampling needs class labels, and this source has none")
+    images = source.load()
+    labels = np.asarray(source.labels, dtype=np.int64) if class_conditional else None
+    classes = None if labels is None else np.unique(labels)
+    h, w = images.shape[1:3]
+    settings = {"made_by": {"kind": "optimum", "train_fingerprint": array_fingerprint(images, labels),
+                            "class_conditional": class_conditional},
+                "sampler": "edm-heun", "steps": steps, "batch": batch_size, "size": [int(h), int(w)]}
+
+    def condition(seed: int) -> dict:
+        if classes is None:
+            return {}
+        return {"class": int(classes[int(seeded_class_labels([seed], len(classes))[0])])}
+
+    def load():
+        denoiser = OptimalDenoiser(images, labels, device=device)
+
+        def render(seeds: list[int], conds: list[dict]) -> np.ndarray:
+            latents = seeded_latents(seeds, denoiser.shape_chw, denoiser.device)
+            lab = None if classes is None else torch.tensor([c["class"] for c in conds], device=denoiser.device)
+            return to_uint8(heun_sampler(denoiser, latents, lab, num_steps=steps))
+        return render
+
+    return Plan(settings, condition, load, {"train": str(source.name), "device": str(device)})
+
+
 def sample_optimum(source: ImageSource, num: int, out_dir, *, class_conditional: bool = False, steps: int = 18,
                    seed: int = 0, batch_size: int = 256, device: str | torch.device = "cpu",
                    progress: bool = True) -> list[Path]:
     """Heun-sample the optimum of `source` for seeds seed..seed+num−1 into out_dir/{seed:06d}.png (resumable)."""
     if seed < 0:
-        raise InputError("seed", f"must be >= 0, got {seed}")
-    if len(source) == 0:
-        raise InputError(source.name, "no training images")
-    if class_conditional and source.labels is None:
-        raise InputError(source.name, "class-conditional sampling needs class labels, and this source has none")
-    out = Path(out_dir)
+        raise InputError("--seed", f"must be >= 0, got {seed}")
+    plan = optimum_plan(source, class_conditional=class_conditional, steps=steps, batch_size=batch_size,
+                        device=device)
     seeds = list(range(seed, seed + num))
-    paths = [out / f"{s:06d}.png" for s in seeds]
-    out.mkdir(parents=True, exist_ok=True)
-    values = None
-    if class_conditional:
-        classes = np.unique(np.asarray(source.labels, dtype=np.int64))
-        values = classes[seeded_class_labels(seeds, len(classes)).numpy()]
-        labels_path = out / "labels.json"
-        try:
-            mapping = json.loads(labels_path.read_text()) if labels_path.exists() else {}
-        except (OSError, ValueError):
-            mapping = {}
-        mapping.update({p.name: int(v) for p, v in zip(paths, values)})
-        atomic_write_text(labels_path, json.dumps(mapping, indent=1, sort_keys=True))
-    todo = [i for i, p in enumerate(paths) if not p.exists()]
-    if not todo:
-        return paths
-    denoiser = OptimalDenoiser(source.load(), source.labels if class_conditional else None, device=device)
-    with tqdm(total=num, initial=num - len(todo), disable=not progress, unit="img", desc="optimum") as bar:
-        for lo in range(0, len(todo), batch_size):
-            chunk = todo[lo : lo + batch_size]
-            latents = seeded_latents([seeds[i] for i in chunk], denoiser.shape_chw, denoiser.device)
-            labels = None if values is None else torch.as_tensor(values[chunk], device=denoiser.device)
-            images = to_uint8(heun_sampler(denoiser, latents, labels, num_steps=steps))
-            for i, img in zip(chunk, images):
-                save_png(paths[i], img)
-            bar.update(len(chunk))
-    return paths
+    generate_folder(out_dir, seeds, plan, progress=progress, desc="optimum")
+    return [Path(out_dir) / image_name(s) for s in seeds]

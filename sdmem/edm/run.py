@@ -1,53 +1,25 @@
-"""An EDM run folder: its files, the denoiser its config describes, and EMA snapshots (safetensors)."""
+"""What an EDM run folder holds beyond the shared layout (sdmem.runs): the denoiser its config describes and EMA
+snapshots (safetensors, the config in their metadata)."""
 
 from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ..config import EDMConfig, config_from_dict, config_to_dict, network_kwargs
+from ..config import config_from_dict, config_to_dict
+from ..runs import RunPaths
 from ..errors import InputError
 from ..utils import atomic_write
+from .config import EDMConfig, network_kwargs
 from .precond import PRECONDS
 
 SNAPSHOT_FORMAT = "sdmem-edm-snapshot/1"
 CHECKPOINT_FORMAT = "sdmem-edm-checkpoint/1"
-_SNAPSHOT_RE = re.compile(r"^ema-(\d{7})\.safetensors$")
-
-
-class RunPaths:
-    """Where a run keeps each of its files."""
-
-    def __init__(self, run_dir: str | os.PathLike):
-        self.root = Path(run_dir)
-        self.config = self.root / "config.json"
-        self.checkpoint = self.root / "checkpoint.safetensors"
-        self.snapshots = self.root / "snapshots"
-        self.tracking = self.root / "tracking.jsonl"
-        self.best = self.root / "best.json"
-        self.log = self.root / "log.jsonl"
-        self.tensorboard = self.root / "tensorboard"
-
-    def snapshot(self, epoch: int) -> Path:
-        return self.snapshots / f"ema-{epoch:07d}.safetensors"
-
-    def list_snapshots(self) -> dict[int, Path]:
-        """{epoch: path} of the EMA snapshots present, in epoch order."""
-        if not self.snapshots.is_dir():
-            return {}
-        found = {int(m.group(1)): p for p in self.snapshots.iterdir() if (m := _SNAPSHOT_RE.match(p.name))}
-        return dict(sorted(found.items()))
-
-
-def is_run_dir(path: str | os.PathLike) -> bool:
-    p = Path(path)
-    return p.is_dir() and (p / "config.json").is_file() and (p / "subset.npz").is_file()
 
 
 def build_denoiser(cfg: EDMConfig, img_resolution: int, label_dim: int) -> torch.nn.Module:
@@ -64,20 +36,41 @@ def atomic_save_file(tensors: dict[str, torch.Tensor], path: Path, metadata: dic
     atomic_write(path, lambda p: save_file(cpu, str(p), metadata=metadata), fsync=True)
 
 
-def read_safetensors(path: Path, expected_format: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(tensors, metadata) of an sdmem safetensors file; a foreign or corrupt file is an InputError."""
-    try:
-        from safetensors import safe_open
+def read_safetensors_meta(path: Path, expected_format: str) -> dict[str, str]:
+    """The metadata of an sdmem safetensors file (tensors not read); a foreign or corrupt file is an InputError."""
+    from safetensors import safe_open
 
+    try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-        tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise InputError(path, f"corrupt or unreadable safetensors file ({exc}); it was left as it is") from None
     if meta.get("format") != expected_format:
         raise InputError(path, f"not an sdmem file of format {expected_format} (found {meta.get('format')!r}); "
                                "refusing to use or overwrite it")
+    return meta
+
+
+def read_safetensors(path: Path, expected_format: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of an sdmem safetensors file; a foreign or corrupt file is an InputError."""
+    meta = read_safetensors_meta(path, expected_format)
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise InputError(path, f"corrupt or unreadable safetensors file ({exc}); it was left as it is") from None
     return tensors, meta
+
+
+def snapshot_info(path: Path) -> tuple[EDMConfig, dict]:
+    """(config, metadata with int epoch/step/nimg/img_resolution/label_dim) of an EMA snapshot, weights unread."""
+    meta = read_safetensors_meta(path, SNAPSHOT_FORMAT)
+    try:
+        cfg = config_from_dict(EDMConfig, json.loads(meta["config"]), f"{path}: metadata config")
+        ints = {k: int(meta[k]) for k in ("epoch", "step", "nimg", "img_resolution", "label_dim")}
+    except (KeyError, ValueError) as exc:
+        raise InputError(path, f"snapshot metadata is incomplete or corrupt ({exc.__class__.__name__}: {exc})") \
+            from None
+    return cfg, {**meta, **ints}
 
 
 def save_snapshot(path: Path, ema: torch.nn.Module, cfg: EDMConfig, *, epoch: int, step: int, nimg: int,
@@ -90,10 +83,14 @@ def save_snapshot(path: Path, ema: torch.nn.Module, cfg: EDMConfig, *, epoch: in
 
 def load_snapshot(path: Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, EDMConfig, dict]:
     """(denoiser in eval mode, config, metadata) from an EMA snapshot."""
-    tensors, meta = read_safetensors(path, SNAPSHOT_FORMAT)
-    cfg = config_from_dict(EDMConfig, json.loads(meta["config"]), str(path))
-    net = build_denoiser(cfg, int(meta["img_resolution"]), int(meta["label_dim"]))
-    missing, unexpected = net.load_state_dict(tensors, strict=False)
+    cfg, meta = snapshot_info(path)
+    tensors, _ = read_safetensors(path, SNAPSHOT_FORMAT)
+    net = build_denoiser(cfg, meta["img_resolution"], meta["label_dim"])
+    try:
+        missing, unexpected = net.load_state_dict(tensors, strict=False)
+    except RuntimeError as exc:
+        raise InputError(path, f"weights do not fit the network of its config ({str(exc).splitlines()[0]})") \
+            from None
     if missing or unexpected:
         raise InputError(path, f"weights do not fit the network of its config (missing {missing[:3]}, "
                                f"unexpected {unexpected[:3]})")

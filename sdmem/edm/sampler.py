@@ -13,6 +13,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from ..generation import seed32 as _seed32, seeded_latents  # noqa: F401 (seeded_latents: shared per-seed noise)
+
 Denoiser = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
 _LABEL_STREAM = 0x1ABE1  # second word of the label generator's seed: a stream apart from the latents'
@@ -28,21 +30,6 @@ def edm_sigma_steps(num_steps: int = 18, sigma_min: float = 0.002, sigma_max: fl
     frac = i / (num_steps - 1) if num_steps > 1 else torch.zeros_like(i)
     t = (sigma_max ** (1 / rho) + frac * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
     return torch.cat([t, torch.zeros_like(t[:1])])
-
-
-def _seed32(seed: int) -> int:
-    """The 32-bit generator seed of an image seed."""
-    return int(seed) % (1 << 32)  # EDM's StackedRandomGenerator rule
-
-
-def seeded_latents(seeds: Sequence[int], shape_chw: Sequence[int], device: torch.device | str = "cpu",
-                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Unit-normal latents [B, C, H, W]: image b drawn from its own CPU generator seeded with seeds[b]."""
-    out = torch.empty((len(seeds), *shape_chw), dtype=torch.float32)
-    for b, seed in enumerate(seeds):
-        gen = torch.Generator(device="cpu").manual_seed(_seed32(seed))
-        out[b] = torch.randn(tuple(shape_chw), generator=gen, dtype=torch.float32)
-    return out.to(device=device, dtype=dtype)
 
 
 def seeded_class_labels(seeds: Sequence[int], num_classes: int) -> torch.Tensor:

@@ -18,15 +18,18 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..config import EDMConfig, config_from_dict, config_hash, config_to_dict, diff_configs, training_keys
+from ..config import config_to_dict, fingerprint
 from ..data import ArraySource
-from ..data.subset import Subset, build_subset, load_subset, save_subset
+from ..data.subset import Subset, build_subset
 from ..errors import InputError, SdmemError
-from .loss import LOSSES
-from ..utils import atomic_write_text, finish_accelerator, make_accelerator
-from .run import (CHECKPOINT_FORMAT, RunPaths, atomic_save_file, build_denoiser,
-                  read_safetensors, save_snapshot)
+from ..runs import JsonlLog, RunPaths, check_reuse, load_or_build_subset, write_run_folder
+from ..training import (batch_indices, check_world, finish_accelerator, make_accelerator, rank_share, set_tf32,
+                        step_seed, update_ema)
+from ..utils import atomic_write_text
+from .config import EDMConfig
 from .generate import generate_images
+from .loss import LOSSES
+from .run import CHECKPOINT_FORMAT, atomic_save_file, build_denoiser, read_safetensors, save_snapshot
 
 EMA_REF_BATCH = 512  # train.ema_rate is per optimizer step of this many images
 
@@ -69,48 +72,12 @@ def ema_beta(ema_rate: float, batch: int, ramp: float) -> float:
     return 0.5 ** (batch / max(halflife_nimg * ramp, 1e-8))
 
 
-def batch_indices(step: int, batch: int, num_train: int, seed: int) -> np.ndarray:
-    """The images of optimizer step ``step``: positions [step·B, (step+1)·B) of a stream of per-epoch
-    seeded permutations, so every image is drawn equally often (Appendix B)."""
-    start = step * batch
-    out = np.empty(batch, np.int64)
-    filled = 0
-    while filled < batch:
-        epoch, offset = divmod(start + filled, num_train)
-        perm = np.random.default_rng([seed, epoch]).permutation(num_train)
-        take = min(batch - filled, num_train - offset)
-        out[filled : filled + take] = perm[offset : offset + take]
-        filled += take
-    return out
-
-
-def step_seed(seed: int, rank: int, step: int) -> int:
-    """The seed of all randomness (noise, dropout) of one process at one optimizer step."""
-    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1, np.uint64)[0] >> 1)
-
-
-def _check_run_folder(cfg: EDMConfig, paths: RunPaths) -> None:
-    """Refuse a folder of another run (training keys differ) or one that is not an sdmem run at all."""
-    if paths.config.exists():
-        try:
-            stored = config_from_dict(EDMConfig, json.loads(paths.config.read_text()), str(paths.config))
-        except (json.JSONDecodeError, InputError) as exc:
-            raise InputError(paths.config, f"unreadable run config ({exc}); refusing to reuse this folder") from None
-        keys = [k for k in diff_configs(stored, cfg) if k in training_keys(EDMConfig)]
-        if keys:
-            raise InputError(paths.root, "holds a run trained with a different config (" + ", ".join(
-                f"{k}" for k in keys) + " differ); use another out_dir or the original settings")
-    elif paths.root.exists() and any(p.name != "tensorboard" for p in paths.root.iterdir()):
-        raise InputError(paths.root, "exists, is not empty and is not an sdmem run folder (no config.json); "
-                                     "refusing to write into it")
-
-
 def _load_checkpoint(cfg: EDMConfig, paths: RunPaths, net, ema, optimizer) -> int:
     """Restore weights, EMA and optimizer from the run's checkpoint; returns the step count (0 if none)."""
     if not paths.checkpoint.exists():
         return 0
     tensors, meta = read_safetensors(paths.checkpoint, CHECKPOINT_FORMAT)
-    if meta.get("config_hash") != config_hash(cfg):
+    if meta.get("fingerprint", meta.get("config_hash")) != fingerprint(cfg):  # config_hash: before 0.2
         raise InputError(paths.checkpoint, "was written by a run with a different training config; "
                                            "refusing to resume from it (it was left as it is)")
     try:
@@ -134,7 +101,7 @@ def _save_checkpoint(cfg: EDMConfig, paths: RunPaths, net, ema, optimizer, step:
     for i, st in optimizer.state_dict()["state"].items():
         names[i] = sorted(st)
         tensors.update({f"opt.{i}.{k}": torch.as_tensor(v) for k, v in st.items()})
-    meta = {"format": CHECKPOINT_FORMAT, "config_hash": config_hash(cfg), "step": str(step), "nimg": str(nimg),
+    meta = {"format": CHECKPOINT_FORMAT, "fingerprint": fingerprint(cfg), "step": str(step), "nimg": str(nimg),
             "optimizer": json.dumps(names), "config": json.dumps(config_to_dict(cfg))}
     atomic_save_file(tensors, paths.checkpoint, meta)
 
@@ -152,12 +119,20 @@ def track_memorization(cfg: EDMConfig, paths: RunPaths, ema, subset: Subset, dev
     row = {"epoch": epoch, "step": step, "nimg": nimg, "memorization_ratio": report.memorization_ratio,
            "memorization_ratio_ci95": list(report.ci95), "knn_distance": report.knn_distance,
            "num_generated": len(seeds), "time": time.time()}
-    with open(paths.tracking, "a") as f:
-        f.write(json.dumps(row) + "\n")
-    best = json.loads(paths.best.read_text()) if paths.best.exists() else None
-    if best is None or row["memorization_ratio"] > best["memorization_ratio"]:
-        atomic_write_text(paths.best, json.dumps(row, indent=2) + "\n")
+    JsonlLog(paths.tracking).append(row)
+    update_best(paths, JsonlLog(paths.tracking).rows())
     return row
+
+
+def update_best(paths: RunPaths, rows: list[dict]) -> dict | None:
+    """best.json: the tracked row with the highest memorization ratio (the first of equals), as the paper reports."""
+    rows = [r for r in rows if isinstance(r.get("memorization_ratio"), (int, float))]
+    if not rows:
+        paths.best.unlink(missing_ok=True)
+        return None
+    best = max(rows, key=lambda r: (r["memorization_ratio"], -r["step"]))
+    atomic_write_text(paths.best, json.dumps(best, indent=2) + "\n")
+    return best
 
 
 def accumulate_gradients(net, loss_fn, images: torch.Tensor, labels: torch.Tensor | None, idx: torch.Tensor,
@@ -183,9 +158,8 @@ def accumulate_gradients(net, loss_fn, images: torch.Tensor, labels: torch.Tenso
 def prepare(cfg: EDMConfig) -> tuple[RunPaths, Subset]:
     """Check the run folder and build (or reload) the training subset D, writing nothing yet."""
     paths = RunPaths(cfg.out_dir)
-    _check_run_folder(cfg, paths)
-    subset = load_subset(paths.root) if (paths.root / "subset.npz").exists() else build_subset(cfg.data)
-    return paths, subset
+    check_reuse(cfg, paths)
+    return paths, load_or_build_subset(paths, lambda: build_subset(cfg.data))
 
 
 def train(cfg: EDMConfig, *, progress: bool = True) -> dict:
@@ -197,14 +171,11 @@ def train(cfg: EDMConfig, *, progress: bool = True) -> dict:
     sched = Schedule(len(subset), cfg.train.batch_size, cfg.train.epochs, cfg.train.warmup_epochs,
                      cfg.train.snapshot_epochs, cfg.train.checkpoint_epochs)
     world, rank = acc.num_processes, acc.process_index
-    if cfg.train.batch_size % world:
-        raise InputError("train.batch_size", f"must be divisible by the {world} processes")
-    per_rank = cfg.train.batch_size // world
+    per_rank = check_world(cfg.train.batch_size, world)
     batch_gpu = min(cfg.train.batch_gpu or per_rank, per_rank)
     if per_rank % batch_gpu:
         raise InputError("train.batch_gpu", f"must divide the per-process batch {per_rank}")
-    torch.backends.cuda.matmul.allow_tf32 = cfg.train.precision == "tf32"
-    torch.backends.cudnn.allow_tf32 = cfg.train.precision == "tf32"
+    set_tf32(cfg.train.precision == "tf32")
 
     # Build the network (seeded init), its EMA and Adam with the paper's L2 weight decay.
     torch.manual_seed(cfg.seed)
@@ -214,12 +185,12 @@ def train(cfg: EDMConfig, *, progress: bool = True) -> dict:
                                  weight_decay=cfg.train.weight_decay)
     step = _load_checkpoint(cfg, paths, net, ema, optimizer)
 
-    # Now that everything checked out, write the run folder (config and the exact subset D).
+    # Now that everything checked out, write the run folder (config and the exact subset D), and drop log rows
+    # past the checkpoint: the steps after it are replayed (identically) and logged again.
     if acc.is_main_process:
-        paths.root.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(paths.config, json.dumps(config_to_dict(cfg), indent=2) + "\n")
-        if not (paths.root / "subset.npz").exists():
-            save_subset(subset, paths.root)
+        write_run_folder(cfg, paths, subset)
+        JsonlLog(paths.log).trim(step)
+        update_best(paths, JsonlLog(paths.tracking).trim(step))
         acc.init_trackers("edm", config={k: str(v) for k, v in config_to_dict(cfg).items()})
     acc.wait_for_everyone()
 
@@ -242,8 +213,8 @@ def train(cfg: EDMConfig, *, progress: bool = True) -> dict:
         beta = ema_beta(cfg.train.ema_rate, cfg.train.batch_size, ramp)
 
         # Accumulate gradients over this rank's share of the global batch (EDM: sum over pixels / images).
-        idx = torch.from_numpy(batch_indices(step, cfg.train.batch_size, len(subset), cfg.seed))
-        idx = idx[rank * per_rank : (rank + 1) * per_rank].to(device)
+        idx = rank_share(batch_indices(step, cfg.train.batch_size, len(subset), cfg.seed), rank, world)
+        idx = torch.from_numpy(idx).to(device)
         s = step_seed(cfg.seed, rank, step)
         torch.manual_seed(s)
         gen.manual_seed(s)
@@ -261,8 +232,7 @@ def train(cfg: EDMConfig, *, progress: bool = True) -> dict:
         optimizer.zero_grad(set_to_none=True)
 
         # Update the EMA: ema <- beta·ema + (1 − beta)·net.
-        with torch.no_grad():
-            torch._foreach_lerp_(ema_params, [p.detach() for p in params], 1.0 - beta)
+        update_ema(ema_params, params, beta)
         step += 1
         nimg = step * cfg.train.batch_size
         bar.update(1)
@@ -273,8 +243,7 @@ def train(cfg: EDMConfig, *, progress: bool = True) -> dict:
                    "lr": cfg.train.lr * ramp, "ema_beta": beta, "sec": round(now - t_last, 3)}
             t_last = now
             if acc.is_main_process:
-                with open(paths.log, "a") as f:
-                    f.write(json.dumps(row) + "\n")
+                JsonlLog(paths.log).append(row)
                 acc.log({"loss": loss_value, "lr": row["lr"]}, step=step)
                 bar.set_postfix(loss=f"{loss_value:.4g}", epoch=f"{row['epoch']:.1f}")
 
@@ -307,7 +276,7 @@ def train(cfg: EDMConfig, *, progress: bool = True) -> dict:
 
 def dry_run(cfg: EDMConfig) -> dict:
     """The resolved config with a top-level num_params (the subset is built to learn resolution and labels)."""
-    from ..config import num_params
+    from .config import num_params
 
     _, subset = prepare(cfg)
     res, label_dim = subset.images.shape[1], subset.label_dim

@@ -153,3 +153,14 @@ def ddim_scheduler(noise_scheduler):
 
     return DDIMScheduler.from_config(noise_scheduler.config, steps_offset=1, clip_sample=False,
                                      set_alpha_to_one=False)
+
+
+def make_pipeline(comps, unet, scheduler=None):
+    """A StableDiffusionPipeline around these parts with the DDIM sampler and no safety checker."""
+    with quiet_transformers():
+        from diffusers import StableDiffusionPipeline
+    pipe = StableDiffusionPipeline(vae=comps.vae, text_encoder=comps.text_encoder, tokenizer=comps.tokenizer,
+                                   unet=unet, scheduler=scheduler or ddim_scheduler(comps.noise_scheduler),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -1,87 +1,28 @@
-"""An SD run folder: its files, the training fingerprint, resumable checkpoints (safetensors + JSON, no pickles)
-and the final inference weights (a LoRA in diffusers' format, or the whole pipeline)."""
+"""What an SD run folder holds beyond the shared layout (sdmem.runs): resumable checkpoints (safetensors + JSON, no
+pickles) and the final inference weights (a LoRA in diffusers' format, or the whole pipeline)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import re
 import shutil
 from pathlib import Path
 
 import torch
 
-from ..config import flatten_config, config_from_dict, config_to_dict, diff_configs, training_keys
+from ..config import config_to_dict, fingerprint
 from ..errors import InputError
+from ..runs import RunPaths
 from ..utils import atomic_write_text
-from .config import SDConfig, ignored_keys
+from .config import SDConfig
 
 CHECKPOINT_FORMAT = "sdmem-sd-checkpoint/1"
-_CKPT_RE = re.compile(r"^step-(\d{7})$")
-
-
-class SDRunPaths:
-    """Where an SD run keeps each of its files."""
-
-    def __init__(self, run_dir: str | os.PathLike):
-        self.root = Path(run_dir)
-        self.config = self.root / "config.json"
-        self.checkpoints = self.root / "checkpoints"
-        self.log = self.root / "log.jsonl"
-        self.tensorboard = self.root / "tensorboard"
-        self.validation = self.root / "validation"
-        self.final = self.root / "final.json"  # written last: the run's outputs are complete
-
-    def checkpoint(self, step: int) -> Path:
-        return self.checkpoints / f"step-{step:07d}"
-
-    def list_checkpoints(self) -> dict[int, Path]:
-        """{step: folder} of the complete checkpoints, in step order."""
-        if not self.checkpoints.is_dir():
-            return {}
-        found = {int(m.group(1)): p for p in self.checkpoints.iterdir() if (m := _CKPT_RE.match(p.name))}
-        return dict(sorted(found.items()))
-
-
-def fingerprint(cfg: SDConfig) -> str:
-    """sha256 of the keys that change what is learnt (config_hash, less the keys this config does not use)."""
-    keep = training_keys(SDConfig) - ignored_keys(cfg)
-    flat = {k: v for k, v in flatten_config(cfg).items() if k in keep}
-    return hashlib.sha256(json.dumps(flat, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
-def changed_training_keys(old: SDConfig, new: SDConfig) -> list[str]:
-    """Dotted keys that differ and alter training (a LoRA key of two full runs does not)."""
-    unused = ignored_keys(old) & ignored_keys(new)
-    keys = training_keys(SDConfig) - unused
-    return [k for k in diff_configs(old, new) if k in keys]
-
-
-def check_run_folder(cfg: SDConfig, paths: SDRunPaths) -> None:
-    """Refuse a folder of another run (naming the training keys that differ) or one that is not a run."""
-    if paths.config.exists():
-        try:
-            raw = json.loads(paths.config.read_text())
-            if not isinstance(raw, dict) or raw.get("kind") != "sd":
-                raise InputError(paths.config, f"holds a run of kind {raw.get('kind')!r}, not sd")
-            stored = config_from_dict(SDConfig, raw, str(paths.config))
-        except (json.JSONDecodeError, InputError) as exc:
-            raise InputError(paths.root, f"unreadable or foreign run config ({exc}); refusing to reuse this "
-                                         "folder") from None
-        keys = changed_training_keys(stored, cfg)
-        if keys:
-            raise InputError(paths.root, "holds a run trained with a different config (" + ", ".join(keys)
-                             + " differ); refusing to resume it: use another out_dir or the original settings")
-    elif paths.root.exists() and any(p.name != "tensorboard" for p in paths.root.iterdir()):
-        raise InputError(paths.root, "exists, is not empty and is not an sdmem run folder (no config.json); "
-                                     "refusing to write into it")
 
 
 # Checkpoints: <run>/checkpoints/step-XXXXXXX/{state.safetensors, meta.json}, written to a temporary folder and
 # renamed into place, the oldest removed beyond train.checkpoints_total_limit.
 
-def save_checkpoint(cfg: SDConfig, paths: SDRunPaths, step: int, named: list[tuple[str, torch.nn.Parameter]],
+def save_checkpoint(cfg: SDConfig, paths: RunPaths, step: int, named: list[tuple[str, torch.nn.Parameter]],
                     ema: list[torch.Tensor] | None, optimizer, lr_scheduler, scaler) -> Path:
     from safetensors.torch import save_file
 
@@ -96,7 +37,7 @@ def save_checkpoint(cfg: SDConfig, paths: SDRunPaths, step: int, named: list[tup
             "fingerprint": fingerprint(cfg), "param_names": [n for n, _ in named], "optimizer": opt_keys,
             "lr_scheduler": lr_scheduler.state_dict(), "grad_scaler": None if scaler is None else scaler.state_dict(),
             "config": config_to_dict(cfg)}
-    final = paths.checkpoint(step)
+    final = paths.checkpoint_dir(step)
     tmp = paths.checkpoints / f".{final.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -116,7 +57,7 @@ def save_checkpoint(cfg: SDConfig, paths: SDRunPaths, step: int, named: list[tup
     return final
 
 
-def rotate_checkpoints(paths: SDRunPaths, limit: int | None) -> list[Path]:
+def rotate_checkpoints(paths: RunPaths, limit: int | None) -> list[Path]:
     """Remove all but the newest ``limit`` checkpoints; returns the removed folders."""
     ckpts = list(paths.list_checkpoints().values())
     gone = ckpts[: max(len(ckpts) - limit, 0)] if limit else []
@@ -142,7 +83,7 @@ def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, meta
 
 
-def load_checkpoint(cfg: SDConfig, paths: SDRunPaths, device, named, ema, optimizer,
+def load_checkpoint(cfg: SDConfig, paths: RunPaths, device, named, ema, optimizer,
                     lr_scheduler) -> tuple[int, dict | None]:
     """Restore the newest checkpoint into the weights, EMA, optimizer and LR schedule; (step, scaler state)."""
     ckpts = paths.list_checkpoints()
@@ -173,7 +114,7 @@ def load_checkpoint(cfg: SDConfig, paths: SDRunPaths, device, named, ema, optimi
     return int(meta["step"]), meta.get("grad_scaler")
 
 
-def save_outputs(cfg: SDConfig, paths: SDRunPaths, comps, unet, step: int) -> dict:
+def save_outputs(cfg: SDConfig, paths: RunPaths, comps, unet, step: int) -> dict:
     """The run's inference weights: the LoRA (diffusers format) or the whole pipeline (save_pretrained), then
     final.json last. The frozen parts of a full run are copied from the pretrained folder, byte for byte."""
     if cfg.model.method == "lora":

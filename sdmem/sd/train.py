@@ -19,13 +19,16 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..config import flatten_config, config_to_dict
-from ..data.subset import Subset, load_subset, save_subset
-from ..edm.train import batch_indices, step_seed
+from ..config import config_to_dict, flatten_config
+from ..data.subset import Subset
 from ..errors import InputError, SdmemError
-from ..utils import atomic_write_text, finish_accelerator, make_accelerator
+from ..runs import JsonlLog, RunPaths, check_reuse, load_or_build_subset, read_json, write_run_folder
+from ..training import (batch_indices, check_world, finish_accelerator, make_accelerator, rank_share, set_tf32,
+                        step_seed, update_ema)
+from ..utils import save_png
+from .components import make_pipeline
 from .config import SDConfig
-from .run import SDRunPaths, check_run_folder, load_checkpoint, rotate_checkpoints, save_checkpoint, save_outputs
+from .run import load_checkpoint, rotate_checkpoints, save_checkpoint, save_outputs
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -38,14 +41,13 @@ def ema_decay(step: int, max_decay: float) -> float:
     return 0.0 if s <= 0 else min(max_decay, (1 + s) / (10 + s))
 
 
-def prepare(cfg: SDConfig) -> tuple[SDRunPaths, Subset]:
+def prepare(cfg: SDConfig) -> tuple[RunPaths, Subset]:
     """Check the run folder and build (or reload) the training subset D, writing nothing yet."""
     from .data import build_sd_subset
 
-    paths = SDRunPaths(cfg.out_dir)
-    check_run_folder(cfg, paths)
-    subset = load_subset(paths.root) if (paths.root / "subset.npz").exists() else build_sd_subset(cfg.data)
-    return paths, subset
+    paths = RunPaths(cfg.out_dir)
+    check_reuse(cfg, paths)
+    return paths, load_or_build_subset(paths, lambda: build_sd_subset(cfg.data))
 
 
 def sd_loss(unet, noise_scheduler, mean: torch.Tensor, std: torch.Tensor, text: torch.Tensor,
@@ -69,12 +71,6 @@ def sd_loss(unet, noise_scheduler, mean: torch.Tensor, std: torch.Tensor, text: 
         raise InputError("model.pretrained", f"unsupported scheduler prediction_type {kind!r}")
     pred = unet(noisy, t, text, return_dict=False)[0]
     return torch.nn.functional.mse_loss(pred.float(), target.float(), reduction="mean")
-
-
-def _make_accelerator(cfg: SDConfig, paths: SDRunPaths):
-    if not torch.cuda.is_available() and cfg.train.mixed_precision == "fp16":
-        raise InputError("train.mixed_precision", "fp16 needs a GPU; use bf16 or no on a CPU")
-    return make_accelerator(paths.root, paths.tensorboard, mixed_precision=cfg.train.mixed_precision)
 
 
 def check_resolution(cfg: SDConfig, comps) -> None:
@@ -137,33 +133,200 @@ def swapped_in(params: list[torch.Tensor], values: list[torch.Tensor] | None):
             torch._foreach_copy_(params, saved)
 
 
-def make_pipeline(comps, unet, scheduler=None):
-    """A StableDiffusionPipeline around these parts with the DDIM sampler and no safety checker."""
-    from .components import ddim_scheduler, quiet_transformers
+class SDTrainer:
+    """One SD fine-tuning run, as named steps: ``setup`` (folder, model, optimizer, resume), then per optimizer
+    step ``loss_step``, ``ema_step``, ``log_step``, ``validation_step`` and ``checkpoint_step``; ``finish``."""
 
-    with quiet_transformers():
-        from diffusers import StableDiffusionPipeline
-    pipe = StableDiffusionPipeline(vae=comps.vae, text_encoder=comps.text_encoder, tokenizer=comps.tokenizer,
-                                   unet=unet, scheduler=scheduler or ddim_scheduler(comps.noise_scheduler),
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    def __init__(self, cfg: SDConfig, *, progress: bool = True):
+        from diffusers.optimization import get_scheduler
+
+        from .components import load_components
+        from .data import prompt_indices, prompt_table
+
+        self.cfg, self.progress = cfg, progress
+        self.paths, self.subset = prepare(cfg)
+        if not torch.cuda.is_available() and cfg.train.mixed_precision == "fp16":
+            raise InputError("train.mixed_precision", "fp16 needs a GPU; use bf16 or no on a CPU")
+        self.acc = acc = make_accelerator(self.paths.root, self.paths.tensorboard,
+                                          mixed_precision=cfg.train.mixed_precision)
+        self.device, self.world, self.rank = acc.device, acc.num_processes, acc.process_index
+        self.per_rank = check_world(cfg.train.batch_size, self.world)
+        self.total = cfg.total_steps
+        with acc.main_process_first():
+            self.comps = comps = load_components(cfg.model.pretrained, cfg.model.revision)
+        check_resolution(cfg, comps)
+        set_tf32(cfg.train.allow_tf32)
+        self.prompts = prompt_table(cfg.data, self.subset.class_names)
+        self.prompt_idx = torch.from_numpy(prompt_indices(cfg.data, self.subset))
+
+        # The model: the frozen encoders in float32 (they run once when cached), the trained weights in float32 (a
+        # LoRA's frozen base in the compute dtype), their EMA, AdamW with the LR schedule.
+        for module in (comps.vae, comps.text_encoder):
+            to_device(module, self.device, torch.float32)
+        self.named = build_trainable(cfg, comps, self.device, DTYPES[cfg.train.mixed_precision])
+        self.params = [p for _, p in self.named]
+        self.ema = [p.detach().clone().float() for p in self.params] if cfg.train.ema else None
+        t = cfg.train
+        self.optimizer = torch.optim.AdamW(self.params, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
+                                           weight_decay=t.weight_decay)
+        self.lr_scheduler = get_scheduler(t.lr_schedule, self.optimizer, num_warmup_steps=t.lr_warmup_steps,
+                                          num_training_steps=self.total)
+        self.step, scaler_state = load_checkpoint(cfg, self.paths, self.device, self.named, self.ema, self.optimizer,
+                                                  self.lr_scheduler)
+
+        # Now that everything checked out, write the run folder (config and the exact subset D), and drop log rows
+        # past the checkpoint: the steps after it are replayed (identically) and logged again.
+        if acc.is_main_process:
+            write_run_folder(cfg, self.paths, self.subset)
+            JsonlLog(self.paths.log).trim(self.step)
+            for stale in self.paths.checkpoints.glob(".step-*") if self.paths.checkpoints.is_dir() else ():
+                shutil.rmtree(stale, ignore_errors=True)  # a write that a kill interrupted
+            acc.init_trackers("sd", config={k: str(v) for k, v in flatten_config(cfg).items()})
+        acc.wait_for_everyone()
+        self.done = self.step >= self.total and self.paths.final.exists()
+        if self.done:
+            return
+        self.ddp_unet = acc.prepare_model(comps.unet)
+        self.opt = acc.prepare_optimizer(self.optimizer)
+        if scaler_state and acc.scaler is not None:
+            acc.scaler.load_state_dict(scaler_state)
+        from .cache import LatentCache, Uncached
+
+        self.data = (LatentCache if t.cache else Uncached)(
+            comps.vae, comps.tokenizer, comps.text_encoder, np.asarray(self.subset.images), self.prompts,
+            device=self.device, dtype=torch.float32)
+        self.gen, self.bad, self.t_last = torch.Generator(device=self.device), 0, time.perf_counter()
+        self.loss = float("nan")
+
+    def loss_step(self) -> float:
+        """One optimizer step: ``gradient_accumulation`` passes of batch_size images (per_rank here), seeded by the
+        step; a non-finite loss skips the update (fp16: a few, as the scaler would) or stops training."""
+        cfg, acc, accum = self.cfg, self.acc, self.cfg.train.gradient_accumulation
+        s = step_seed(cfg.seed, self.rank, self.step)
+        torch.manual_seed(s)
+        self.gen.manual_seed(s)
+        loss_sum = torch.zeros((), device=self.device)
+        for micro in range(accum):
+            idx = rank_share(batch_indices(self.step * accum + micro, cfg.train.batch_size, len(self.subset),
+                                           cfg.seed), self.rank, self.world)
+            idx = torch.from_numpy(idx)
+            mean, std, text = self.data.batch(idx.to(self.device), self.prompt_idx[idx].to(self.device))
+            ctx = acc.no_sync(self.ddp_unet) if micro < accum - 1 else contextlib.nullcontext()
+            with ctx:
+                loss = sd_loss(self.ddp_unet, self.comps.noise_scheduler, mean, std, text, self.gen,
+                               self.comps.vae.config)
+                acc.backward(loss / accum)
+            loss_sum += loss.detach()
+        loss_value = float(acc.reduce(loss_sum, reduction="sum")) / (self.world * accum)
+        if not math.isfinite(loss_value):
+            self.opt.zero_grad(set_to_none=True)
+            self.bad += 1
+            if cfg.train.mixed_precision != "fp16" or self.bad > 8:
+                ckpts = self.paths.list_checkpoints()
+                last = f"the last good state is {ckpts[max(ckpts)]}" if ckpts else "no checkpoint was written yet"
+                raise SdmemError(f"{self.paths.root}: the loss became {loss_value} at step {self.step}; training "
+                                 f"stopped and {last} (left as it is)")
+        else:
+            self.bad = 0
+        if cfg.train.max_grad_norm > 0:
+            acc.clip_grad_norm_(self.params, cfg.train.max_grad_norm)
+        self.lr = self.lr_scheduler.get_last_lr()[0]
+        self.opt.step()
+        self.lr_scheduler.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.step += 1
+        self.loss = loss_value
+        return loss_value
+
+    def ema_step(self) -> float | None:
+        """ema <- d·ema + (1 − d)·weights, with diffusers' warm-up of d; returns d (None without EMA)."""
+        if self.ema is None:
+            return None
+        decay = ema_decay(self.step, self.cfg.train.ema_decay)
+        update_ema(self.ema, self.params, decay)
+        return decay
+
+    def log_step(self, decay: float | None) -> None:
+        if not (self.step % self.cfg.train.log_every_steps == 0 or self.step == self.total):
+            return
+        now = time.perf_counter()
+        row = {"step": self.step, "images_seen": self.step * self.cfg.images_per_step, "loss": self.loss,
+               "lr": self.lr, "ema_decay": decay, "sec": round(now - self.t_last, 3)}
+        self.t_last = now
+        if self.acc.is_main_process:
+            JsonlLog(self.paths.log).append(row)
+            self.acc.log({"loss": self.loss, "lr": self.lr}, step=self.step)
+
+    def final_ema(self) -> list[torch.Tensor] | None:
+        """The weights the run's outputs and validation images use: the EMA, unless train.final_weights is last."""
+        return self.ema if self.cfg.train.final_weights == "ema" else None
+
+    def validation_step(self) -> None:
+        """A few images at generate.{steps, guidance_scale}, seeds generate.seed + i, prompts cycling over classes."""
+        every = self.cfg.train.validation_every_steps
+        if not every or not (self.step % every == 0 or self.step == self.total):
+            return
+        if self.acc.is_main_process:
+            with swapped_in(self.params, self.final_ema()):
+                validate(self.cfg, self.paths, self.comps, self.comps.unet, self.prompts, self.step, self.acc)
+        if self.world > 1:
+            self.acc.wait_for_everyone()
+
+    def checkpoint_step(self) -> None:
+        """The full resumable state every train.checkpoint_steps and at the end, the oldest rotated out."""
+        if not (self.step % self.cfg.train.checkpoint_steps == 0 or self.step == self.total):
+            return
+        if self.acc.is_main_process:
+            save_checkpoint(self.cfg, self.paths, self.step, self.named, self.ema, self.optimizer, self.lr_scheduler,
+                            self.acc.scaler)
+            rotate_checkpoints(self.paths, self.cfg.train.checkpoints_total_limit)
+        self.acc.wait_for_everyone()
+
+    def finish(self) -> dict:
+        """Save the outputs (EMA weights by default, then final.json) and end the processes; returns a summary."""
+        cfg, paths, acc = self.cfg, self.paths, self.acc
+        final = read_json(paths.final, "final weights record") if self.done else None
+        if not self.done and acc.is_main_process:
+            with swapped_in(self.params, self.final_ema()):
+                final = save_outputs(cfg, paths, self.comps, self.comps.unet, self.step)
+        summary = {"out_dir": str(paths.root), "steps": self.step, "images_seen": self.step * cfg.images_per_step,
+                   "num_train": len(self.subset), "loss": None if self.done else self.loss, "final": final,
+                   "already_done": self.done, "main_process": acc.is_main_process}
+        finish_accelerator(acc)
+        return summary
 
 
-def validate(cfg: SDConfig, paths: SDRunPaths, comps, unet, prompts: list[str], step: int, acc) -> Path:
-    """A few images at generate.{steps, guidance_scale}, seeds generate.seed + i, prompts cycling over classes."""
-    from .generate import save_png
+def train(cfg: SDConfig, *, progress: bool = True) -> dict:
+    """Fine-tune (or resume) the run of ``cfg``; returns a summary (steps, images seen, last loss, outputs)."""
+    t = SDTrainer(cfg, progress=progress)
+    if not t.done:
+        bar = tqdm(total=t.total, initial=t.step, disable=not (progress and t.acc.is_main_process), desc="train",
+                   unit="step")
+        while t.step < t.total:
+            loss = t.loss_step()
+            decay = t.ema_step()
+            t.log_step(decay)
+            t.validation_step()
+            t.checkpoint_step()
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4g}")
+        bar.close()
+    return t.finish()
+
+
+def validate(cfg: SDConfig, paths: RunPaths, comps, unet, prompts: list[str], step: int, acc) -> Path:
+    """Validation images (per-seed CPU noise, as sdmem generate), saved as validation/step-N/II.png and logged."""
+    from .generate import generate_images
 
     k = cfg.train.validation_images
     texts = [prompts[i % len(prompts)] for i in range(k)]
-    gens = [torch.Generator(device=acc.device).manual_seed(cfg.generate.seed + i) for i in range(k)]
     pipe = make_pipeline(comps, unet)
     unet.eval()
-    with torch.no_grad(), acc.autocast():
-        images = pipe(texts, num_inference_steps=cfg.generate.steps, guidance_scale=cfg.generate.guidance_scale,
-                      generator=gens, height=cfg.data.resolution, width=cfg.data.resolution, output_type="np").images
+    with acc.autocast():
+        images = generate_images(pipe, texts, [cfg.generate.seed + i for i in range(k)], resolution=cfg.data.resolution,
+                                 steps=cfg.generate.steps, guidance_scale=cfg.generate.guidance_scale,
+                                 eta=cfg.generate.eta)
     unet.train()
-    images = (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
     folder = paths.validation / f"step-{step:07d}"
     folder.mkdir(parents=True, exist_ok=True)
     for i, img in enumerate(images):
@@ -172,151 +335,6 @@ def validate(cfg: SDConfig, paths: SDRunPaths, comps, unet, prompts: list[str], 
     if tracker is not None:
         tracker.writer.add_images("validation", images, step, dataformats="NHWC")
     return folder
-
-
-def _write_run_folder(cfg: SDConfig, paths: SDRunPaths, subset: Subset, acc) -> None:
-    if acc.is_main_process:
-        paths.root.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(paths.config, json.dumps(config_to_dict(cfg), indent=2) + "\n")
-        if not (paths.root / "subset.npz").exists():
-            save_subset(subset, paths.root)
-        for stale in paths.checkpoints.glob(".step-*") if paths.checkpoints.is_dir() else ():
-            shutil.rmtree(stale, ignore_errors=True)  # a write that a kill interrupted
-        acc.init_trackers("sd", config={k: str(v) for k, v in flatten_config(cfg).items()})
-    acc.wait_for_everyone()
-
-
-def train(cfg: SDConfig, *, progress: bool = True) -> dict:
-    """Fine-tune (or resume) the run of ``cfg``; returns a summary (steps, images seen, last loss, outputs)."""
-    from diffusers.optimization import get_scheduler
-
-    from .cache import LatentCache, Uncached
-    from .components import load_components
-    from .data import prompt_indices, prompt_table
-
-    paths, subset = prepare(cfg)
-    acc = _make_accelerator(cfg, paths)
-    device, world, rank = acc.device, acc.num_processes, acc.process_index
-    if cfg.train.batch_size % world:
-        raise InputError("train.batch_size", f"must be divisible by the {world} processes")
-    per_rank, accum, total = cfg.train.batch_size // world, cfg.train.gradient_accumulation, cfg.total_steps
-    with acc.main_process_first():
-        comps = load_components(cfg.model.pretrained, cfg.model.revision)
-    check_resolution(cfg, comps)
-    torch.backends.cuda.matmul.allow_tf32 = cfg.train.allow_tf32
-    torch.backends.cudnn.allow_tf32 = cfg.train.allow_tf32
-    weight_dtype = DTYPES[cfg.train.mixed_precision]
-    prompts, prompt_idx = prompt_table(cfg.data, subset.class_names), prompt_indices(cfg.data, subset)
-
-    # The model: the frozen encoders in float32 (they run once when cached), the trained weights in float32 (a
-    # LoRA's frozen base in the compute dtype), their EMA, AdamW with the cosine schedule.
-    for module in (comps.vae, comps.text_encoder):
-        to_device(module, device, torch.float32)
-    named = build_trainable(cfg, comps, device, weight_dtype)
-    params = [p for _, p in named]
-    ema = [p.detach().clone().float() for p in params] if cfg.train.ema else None
-    optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, betas=(cfg.train.adam_beta1, cfg.train.adam_beta2),
-                                  eps=cfg.train.adam_eps, weight_decay=cfg.train.weight_decay)
-    lr_scheduler = get_scheduler(cfg.train.lr_schedule, optimizer, num_warmup_steps=cfg.train.lr_warmup_steps,
-                                 num_training_steps=total)
-    step, scaler_state = load_checkpoint(cfg, paths, device, named, ema, optimizer, lr_scheduler)
-
-    # Now that everything checked out, write the run folder (config and the exact subset D).
-    _write_run_folder(cfg, paths, subset, acc)
-    if step >= total and paths.final.exists():
-        summary = {"out_dir": str(paths.root), "steps": step, "images_seen": step * cfg.images_per_step,
-                   "num_train": len(subset), "loss": None, "already_done": True, "main_process": acc.is_main_process,
-                   "final": json.loads(paths.final.read_text())}
-        finish_accelerator(acc)
-        return summary
-    ddp_unet = acc.prepare_model(comps.unet)
-    opt = acc.prepare_optimizer(optimizer)
-    if scaler_state and acc.scaler is not None:
-        acc.scaler.load_state_dict(scaler_state)
-    data = (LatentCache if cfg.train.cache else Uncached)(
-        comps.vae, comps.tokenizer, comps.text_encoder, np.asarray(subset.images), prompts, device=device,
-        dtype=torch.float32)
-    prompt_idx_t = torch.from_numpy(prompt_idx)
-
-    bar = tqdm(total=total, initial=step, disable=not (progress and acc.is_main_process), desc="train", unit="step")
-    gen, loss_value, t_last, bad = torch.Generator(device=device), float("nan"), time.perf_counter(), 0
-    while step < total:
-        # One optimizer step: `accum` passes of batch_size images (per_rank on this process), seeded by the step.
-        s = step_seed(cfg.seed, rank, step)
-        torch.manual_seed(s)
-        gen.manual_seed(s)
-        loss_sum = torch.zeros((), device=device)
-        for micro in range(accum):
-            idx = batch_indices(step * accum + micro, cfg.train.batch_size, len(subset), cfg.seed)
-            idx = torch.from_numpy(idx[rank * per_rank : (rank + 1) * per_rank])
-            mean, std, text = data.batch(idx.to(device), prompt_idx_t[idx].to(device))
-            ctx = acc.no_sync(ddp_unet) if micro < accum - 1 else contextlib.nullcontext()
-            with ctx:
-                loss = sd_loss(ddp_unet, comps.noise_scheduler, mean, std, text, gen, comps.vae.config)
-                acc.backward(loss / accum)
-            loss_sum += loss.detach()
-        loss_value = float(acc.reduce(loss_sum, reduction="sum")) / (world * accum)
-        if not math.isfinite(loss_value):
-            opt.zero_grad(set_to_none=True)
-            bad += 1
-            if cfg.train.mixed_precision != "fp16" or bad > 8:  # fp16: a few overflows are skipped, as the scaler would
-                ckpts = paths.list_checkpoints()
-                last = f"the last good state is {ckpts[max(ckpts)]}" if ckpts else "no checkpoint was written yet"
-                raise SdmemError(f"{paths.root}: the loss became {loss_value} at step {step}; training stopped and "
-                                 f"{last} (left as it is)")
-        else:
-            bad = 0
-        if cfg.train.max_grad_norm > 0:
-            acc.clip_grad_norm_(params, cfg.train.max_grad_norm)
-        lr = lr_scheduler.get_last_lr()[0]
-        opt.step()
-        lr_scheduler.step()
-        opt.zero_grad(set_to_none=True)
-        step += 1
-        bar.update(1)
-
-        # Update the EMA: ema <- d·ema + (1 − d)·weights, with diffusers' warm-up of d.
-        decay = ema_decay(step, cfg.train.ema_decay) if ema is not None else None
-        if ema is not None:
-            with torch.no_grad():
-                torch._foreach_lerp_(ema, [p.detach().float() for p in params], 1.0 - decay)
-
-        if step % cfg.train.log_every_steps == 0 or step == total:
-            now = time.perf_counter()
-            row = {"step": step, "images_seen": step * cfg.images_per_step, "loss": loss_value, "lr": lr,
-                   "ema_decay": decay, "sec": round(now - t_last, 3)}
-            t_last = now
-            if acc.is_main_process:
-                with open(paths.log, "a") as f:
-                    f.write(json.dumps(row) + "\n")
-                acc.log({"loss": loss_value, "lr": lr}, step=step)
-                bar.set_postfix(loss=f"{loss_value:.4g}")
-
-        # Validation images (EMA weights when final_weights is ema), then the full resumable state.
-        every = cfg.train.validation_every_steps
-        if every and (step % every == 0 or step == total) and acc.is_main_process:
-            use = ema if cfg.train.final_weights == "ema" else None
-            with swapped_in(params, use):
-                validate(cfg, paths, comps, comps.unet, prompts, step, acc)
-        if step % cfg.train.checkpoint_steps == 0 or step == total:
-            if acc.is_main_process:
-                save_checkpoint(cfg, paths, step, named, ema, optimizer, lr_scheduler, acc.scaler)
-                rotate_checkpoints(paths, cfg.train.checkpoints_total_limit)
-            acc.wait_for_everyone()
-        elif every and world > 1 and step % every == 0:
-            acc.wait_for_everyone()
-    bar.close()
-
-    # The outputs: EMA weights by default (train.final_weights), then final.json.
-    final = None
-    if acc.is_main_process:
-        use = ema if cfg.train.final_weights == "ema" else None
-        with swapped_in(params, use):
-            final = save_outputs(cfg, paths, comps, comps.unet, step)
-    summary = {"out_dir": str(paths.root), "steps": step, "images_seen": step * cfg.images_per_step,
-               "num_train": len(subset), "loss": loss_value, "final": final, "main_process": acc.is_main_process}
-    finish_accelerator(acc)
-    return summary
 
 
 def dry_run(cfg: SDConfig) -> dict:

@@ -1,0 +1,205 @@
+"""One run folder for every kind of model (``kind: edm`` and ``kind: sd``): where each file lives, which kind a
+folder holds, the config it was trained with, the reuse check, the training subset, and append-only logs that
+a resume trims back to its checkpoint.
+
+A run folder holds ``config.json`` (the resolved config), ``subset.npz`` + ``subset.json`` (the exact training
+set D), ``log.jsonl`` and ``tensorboard/``; then what each trainer keeps: EMA ``snapshots/`` and one
+``checkpoint.safetensors`` (EDM), or ``checkpoints/step-N/`` and the final weights (SD).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Sequence
+
+from . import config as _engine
+from .config import changed_training_keys, config_from_dict, config_to_dict
+from .edm.config import EDMConfig
+from .errors import InputError
+from .sd.config import SDConfig
+from .utils import atomic_write_text
+
+KINDS: dict[str, type] = {"edm": EDMConfig, "sd": SDConfig}
+_SNAPSHOT_RE = re.compile(r"^ema-(\d{7})\.safetensors$")
+_CKPT_RE = re.compile(r"^step-(\d{7})$")
+
+
+def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()):
+    """Read a YAML run config of any kind (``kind: edm`` or ``sd``), apply ``--set`` overrides, check it."""
+    return _engine.load_config(path, overrides, KINDS)
+
+
+class RunPaths:
+    """Where a run keeps each of its files (the union over kinds; each trainer uses its own)."""
+
+    def __init__(self, run_dir: str | os.PathLike):
+        self.root = Path(run_dir)
+        self.config = self.root / "config.json"
+        self.subset = self.root / "subset.npz"
+        self.subset_info = self.root / "subset.json"
+        self.log = self.root / "log.jsonl"
+        self.tensorboard = self.root / "tensorboard"
+        # EDM: EMA snapshots for inference, one full resumable state, memorization tracking.
+        self.snapshots = self.root / "snapshots"
+        self.checkpoint = self.root / "checkpoint.safetensors"
+        self.tracking = self.root / "tracking.jsonl"
+        self.best = self.root / "best.json"
+        # SD: rotated checkpoint folders, validation images, the final weights (final.json written last).
+        self.checkpoints = self.root / "checkpoints"
+        self.validation = self.root / "validation"
+        self.final = self.root / "final.json"
+
+    def snapshot(self, epoch: int) -> Path:
+        return self.snapshots / f"ema-{epoch:07d}.safetensors"
+
+    def list_snapshots(self) -> dict[int, Path]:
+        """{epoch: path} of the EMA snapshots present, in epoch order."""
+        return _numbered(self.snapshots, _SNAPSHOT_RE)
+
+    def checkpoint_dir(self, step: int) -> Path:
+        return self.checkpoints / f"step-{step:07d}"
+
+    def list_checkpoints(self) -> dict[int, Path]:
+        """{step: folder} of the complete checkpoint folders, in step order."""
+        return _numbered(self.checkpoints, _CKPT_RE)
+
+
+def _numbered(folder: Path, pattern: re.Pattern) -> dict[int, Path]:
+    if not folder.is_dir():
+        return {}
+    found = {int(m.group(1)): p for p in folder.iterdir() if (m := pattern.match(p.name))}
+    return dict(sorted(found.items()))
+
+
+def read_json(path: str | os.PathLike, what: str = "JSON file"):
+    """The parsed content of a JSON file; unreadable, not UTF-8 or not JSON is an InputError naming it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise InputError(path, f"no such {what}") from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise InputError(path, f"unreadable {what} ({exc.__class__.__name__}: {exc})") from None
+
+
+def is_run_dir(path: str | os.PathLike) -> bool:
+    """True for a folder that ``sdmem train`` wrote (config.json and subset.npz)."""
+    p = Path(path)
+    return p.is_dir() and (p / "config.json").is_file() and (p / "subset.npz").is_file()
+
+
+def run_kind(path: str | os.PathLike) -> str:
+    """The kind (edm or sd) of the run folder ``path``; anything else is an InputError naming what is wrong."""
+    paths = RunPaths(path)
+    if not is_run_dir(path):
+        raise InputError(path, "is not an sdmem run folder (expected config.json and subset.npz from sdmem train)")
+    raw = read_json(paths.config, "run config")
+    kind = raw.get("kind") if isinstance(raw, dict) else None
+    if kind not in KINDS:
+        raise InputError(paths.config, f"holds a run of kind {kind!r}; expected one of {', '.join(KINDS)}")
+    return kind
+
+
+def read_run_config(run_dir: str | os.PathLike, kind: str | None = None):
+    """The config a run folder was trained with (its config.json); ``kind`` requires that kind."""
+    found = run_kind(run_dir)
+    if kind is not None and found != kind:
+        raise InputError(run_dir, f"holds a run of kind {found}, not {kind}")
+    path = RunPaths(run_dir).config
+    return config_from_dict(KINDS[found], read_json(path, "run config"), str(path))
+
+
+def check_reuse(cfg, paths: RunPaths) -> None:
+    """Refuse a folder of another run (naming the training keys that differ) or one that is not a run at all."""
+    if paths.config.exists():
+        raw = read_json(paths.config, "run config")
+        kind = raw.get("kind") if isinstance(raw, dict) else None
+        if kind != cfg.kind:
+            raise InputError(paths.root, f"holds a run of kind {kind!r}, not {cfg.kind}; refusing to reuse this "
+                                         "folder: use another out_dir")
+        try:
+            stored = config_from_dict(type(cfg), raw, str(paths.config))
+        except InputError as exc:
+            raise InputError(paths.root, f"holds an unreadable or foreign run config ({exc}); refusing to reuse "
+                                         "this folder") from None
+        keys = changed_training_keys(stored, cfg)
+        if keys:
+            raise InputError(paths.root, "holds a run trained with a different config (" + ", ".join(keys)
+                             + " differ); refusing to resume it: use another out_dir or the original settings")
+    elif paths.root.exists() and not paths.root.is_dir():
+        raise InputError(paths.root, "exists and is not a folder; out_dir must be a folder")
+    elif paths.root.exists() and any(p.name != "tensorboard" for p in paths.root.iterdir()):
+        raise InputError(paths.root, "exists, is not empty and is not an sdmem run folder (no config.json); "
+                                     "refusing to write into it")
+
+
+def load_or_build_subset(paths: RunPaths, build):
+    """The run's saved training subset when there is one (verified against subset.json), else ``build()``."""
+    from .data.subset import load_subset
+
+    return load_subset(paths.root) if paths.subset.exists() else build()
+
+
+def write_run_folder(cfg, paths: RunPaths, subset) -> None:
+    """Create the run folder: config.json (the resolved config) and, once, the exact training subset D."""
+    from .data.subset import save_subset
+
+    paths.root.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(paths.config, json.dumps(config_to_dict(cfg), indent=2) + "\n")
+    if not paths.subset.exists():
+        save_subset(subset, paths.root)
+
+
+class JsonlLog:
+    """An append-only JSON-lines log keyed by ``step``. A resume first trims the rows past its checkpoint, so
+    steps that are replayed after a kill are logged once, never twice."""
+
+    def __init__(self, path: Path, key: str = "step"):
+        self.path, self.key = Path(path), key
+
+    def rows(self) -> list[dict]:
+        """The complete rows (a torn last line, from a kill mid-write, is skipped)."""
+        if not self.path.exists():
+            return []
+        out = []
+        try:
+            lines = self.path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InputError(self.path, f"unreadable log ({exc.__class__.__name__}: {exc})") from None
+        for line in lines:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict):
+                out.append(row)
+        return out
+
+    def trim(self, last_step: int) -> list[dict]:
+        """Keep only the rows with ``step <= last_step`` (rewritten atomically); returns the rows kept."""
+        rows = self.rows()
+        kept = [r for r in rows if isinstance(r.get(self.key), int) and r[self.key] <= last_step]
+        if self.path.exists() and len(kept) != len(self.path.read_text(encoding="utf-8").splitlines()):
+            atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+        return kept
+
+    def append(self, row: dict) -> None:
+        """One row, written and flushed in one call."""
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(finite_json(row)) + "\n")
+
+
+def finite_json(obj):
+    """``obj`` with every non-finite float (nan, inf) replaced by None: JSON has no such numbers."""
+    import math
+
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_json(v) for v in obj]
+    return obj

@@ -1,0 +1,136 @@
+"""The generation core (sdmem.generation): the seed grid, the manifest and its refusals, verified resume; through
+`sdmem optimum` (byte-equal resume, never mixed with another training set) and `sdmem generate` on an EDM run."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sdmem.data import ArraySource
+from sdmem.errors import InputError
+from sdmem.generation import Plan, blocks_of, generate_folder
+
+
+def rand_images(n, res=8, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (n, res, res, 3), dtype=np.uint8)
+
+
+def counting_plan(calls: list, *, batch=4, size=(2, 2), **settings):
+    """A renderer whose pixels are the seed, recording every block it renders."""
+    def load():
+        def render(seeds, conds):
+            calls.append(list(seeds))
+            return np.stack([np.full((*size, 3), s % 256, np.uint8) for s in seeds])
+        return render
+    return Plan({"made_by": {"kind": "test"}, "batch": batch, "size": list(size), **settings},
+                lambda s: {"class": s % 3}, load)
+
+
+def test_blocks_sit_on_a_fixed_seed_grid():
+    assert blocks_of([5, 6, 9], 4) == [[4, 5, 6, 7], [8, 9, 10, 11]]
+    assert blocks_of([0], 3) == [[0, 1, 2]]
+
+
+def test_a_resume_renders_whole_blocks_and_writes_only_missing_files(tmp_path):
+    calls = []
+    assert generate_folder(tmp_path / "g", range(10), counting_plan(calls), progress=False) == 10
+    assert calls == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
+    assert sorted(p.name for p in (tmp_path / "g").iterdir()) == [f"{s:06d}.png" for s in range(10)] + \
+        ["manifest.json"]  # seeds 10, 11 were rendered for the block, not written
+    (tmp_path / "g" / "000005.png").unlink()
+    calls.clear()
+    assert generate_folder(tmp_path / "g", range(10), counting_plan(calls), progress=False) == 1
+    assert calls == [[4, 5, 6, 7]]
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated", "other size", "not a png"])
+def test_a_damaged_image_does_not_count_as_done(tmp_path, damage):
+    calls = []
+    generate_folder(tmp_path / "g", range(4), counting_plan(calls), progress=False)
+    path = tmp_path / "g" / "000002.png"
+    good = path.read_bytes()
+    if damage == "empty":
+        path.write_bytes(b"")
+    elif damage == "truncated":
+        path.write_bytes(good[: len(good) - 12])
+    elif damage == "other size":
+        Image.new("RGB", (3, 2)).save(path)
+    else:
+        path.write_bytes(b"GIF89a not really")
+    assert generate_folder(tmp_path / "g", range(4), counting_plan(calls), progress=False) == 1
+    assert path.read_bytes() == good
+
+
+def test_the_manifest_records_settings_and_every_seed(tmp_path):
+    generate_folder(tmp_path / "g", [2, 3], counting_plan([], steps=7), progress=False)
+    m = json.loads((tmp_path / "g" / "manifest.json").read_text())
+    assert m["format"] == "sdmem-generated/1" and m["settings"]["steps"] == 7 and m["settings"]["batch"] == 4
+    assert m["images"] == {"000002.png": {"seed": 2, "class": 2}, "000003.png": {"seed": 3, "class": 0}}
+    # Equal settings extend the folder; the manifest then lists both calls' seeds.
+    generate_folder(tmp_path / "g", [9], counting_plan([], steps=7), progress=False)
+    assert sorted(json.loads((tmp_path / "g" / "manifest.json").read_text())["images"]) == \
+        ["000002.png", "000003.png", "000009.png"]
+
+
+@pytest.mark.parametrize("change,name", [(dict(steps=8), "steps"), (dict(batch=5), "batch"),
+                                         (dict(extra=1), "extra")])
+def test_other_settings_are_refused_by_name_and_nothing_is_written(tmp_path, change, name):
+    generate_folder(tmp_path / "g", range(3), counting_plan([], steps=7), progress=False)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "g").iterdir()}
+    calls = []
+    with pytest.raises(InputError, match=name):
+        generate_folder(tmp_path / "g", range(5), counting_plan(calls, **{"steps": 7, **change}), progress=False)
+    assert calls == [] and {p.name: p.read_bytes() for p in (tmp_path / "g").iterdir()} == before
+
+
+def test_folders_without_a_manifest_and_files_are_refused(tmp_path):
+    (tmp_path / "old").mkdir()
+    Image.new("RGB", (2, 2)).save(tmp_path / "old" / "000000.png")
+    with pytest.raises(InputError, match="manifest.json"):
+        generate_folder(tmp_path / "old", range(2), counting_plan([]), progress=False)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(InputError, match="not a folder"):
+        generate_folder(tmp_path / "file", range(2), counting_plan([]), progress=False)
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "manifest.json").write_text("{not json")
+    with pytest.raises(InputError, match="unreadable manifest"):
+        generate_folder(tmp_path / "bad", range(2), counting_plan([]), progress=False)
+
+
+def test_resumed_optimum_is_byte_equal_to_an_uninterrupted_one(tmp_path):
+    from sdmem.edm.optimum import sample_optimum
+
+    src = ArraySource("train", rand_images(40, seed=3))
+    full = sample_optimum(src, 10, tmp_path / "a", batch_size=3, progress=False)
+    part = sample_optimum(src, 10, tmp_path / "b", batch_size=3, progress=False)
+    for k in (0, 4, 9):
+        part[k].unlink()
+    part[6].write_bytes(part[6].read_bytes()[:20])
+    sample_optimum(src, 10, tmp_path / "b", batch_size=3, progress=False)
+    assert all(a.read_bytes() == b.read_bytes() for a, b in zip(full, part))
+
+
+def test_optimum_refuses_a_folder_made_from_another_training_set(tmp_path, cli):
+    for name, seed in (("a.npz", 1), ("b.npz", 2)):
+        np.savez(tmp_path / name, images=rand_images(20, seed=seed))
+    assert cli("optimum", "--train", tmp_path / "a.npz", "--num", 4, "--out", tmp_path / "o", "--quiet").code == 0
+    before = sorted(p.name for p in (tmp_path / "o").iterdir())
+    r = cli("optimum", "--train", tmp_path / "b.npz", "--num", 8, "--out", tmp_path / "o", "--quiet")
+    r.one_line_error(str(tmp_path / "o"), "made_by")
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == before
+    # The same training set extends the folder.
+    assert cli("optimum", "--train", tmp_path / "a.npz", "--num", 8, "--out", tmp_path / "o", "--quiet").code == 0
+    assert len(list((tmp_path / "o").glob("*.png"))) == 8
+
+
+def test_a_new_class_choice_never_rewrites_the_classes_of_existing_images(tiny_edm_run, tmp_path, cli, one_thread):
+    out = tmp_path / "g"
+    assert cli("generate", tiny_edm_run, "--num", 4, "--out", out, "--steps", 3, "--batch", 2, "--quiet").code == 0
+    before = (out / "manifest.json").read_bytes()
+    classes = {v["class"] for v in json.loads(before)["images"].values()}
+    other = 1 - min(classes) if len(classes) == 1 else 0
+    r = cli("generate", tiny_edm_run, "--num", 4, "--out", out, "--steps", 3, "--batch", 2, "--class", other,
+            "--quiet")
+    r.one_line_error("class")
+    assert (out / "manifest.json").read_bytes() == before
