@@ -207,7 +207,7 @@ def _add_generate(sub) -> None:
                        description="One PNG per seed ({seed:06d}.png); existing files are skipped, so it resumes. "
                                    "EDM runs: the EMA snapshot, Heun sampler. SD runs: the final (EMA) weights or a "
                                    "checkpoint step, DDIM with 50 steps, safety checker off; class prompts give "
-                                   "N/C images per class in seed order (recorded in prompts.json).")
+                                   "N/C images per class in seed order (recorded in manifest.json).")
     p.add_argument("run", metavar="RUN", help="run folder (out_dir of sdmem train)")
     p.add_argument("--num", type=_positive_int("--num", 10_000_000), metavar="N", help="images (seeds 0..N-1 unless --seeds)")
     p.add_argument("--out", required=True, metavar="DIR")

@@ -22,17 +22,7 @@ from sdmem.edm.train import Schedule, ema_beta, train
 from sdmem.training import batch_indices
 from sdmem.errors import InputError, SdmemError
 
-TINY = """
-kind: edm
-out_dir: {out}
-seed: 3
-data: {{source: builtin:digits, size: 32, num_classes: 2, labels: {labels}}}
-model: {{arch: ddpmpp, precond: edm, channels: 8, channel_mult: [1, 2], num_blocks: 1, attn_resolutions: [],
-        dropout: 0.1}}
-train: {{epochs: {epochs}, batch_size: 16, warmup_epochs: 2, ema_rate: 0.9, snapshot_epochs: 4,
-        checkpoint_epochs: 2, log_every_steps: 2}}
-track: {{num_images: {track}, batch: 16, steps: 4}}
-"""
+from conftest import TINY_EDM as TINY  # noqa: E402 (the tiny conditional digits run)
 
 
 def tiny_config(tmp_path, name="run", *, labels="none", epochs=8, track=0, overrides=()):
