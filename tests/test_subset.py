@@ -104,7 +104,7 @@ def test_blend_replaces_same_class_images(tmp_path, src):
 
 
 def test_errors(tmp_path, src):
-    raises(lambda: build_subset(data(src, 10, num_classes=3)), "data.size", "divisible by num_classes C = 3")
+    raises(lambda: build_subset(data(src, 10, num_classes=3)), "data.size", "divisible by the 3 classes")
     raises(lambda: build_subset(data(src, 26, num_classes=2)), "data.size", "13 images per class", "has 12")
     raises(lambda: build_subset(data(src, 10, num_classes=5)), "data.num_classes", "C = 5", "has 4")
     raises(lambda: build_subset(data(src, 4, classes=[9])), "data.classes", "[9]")

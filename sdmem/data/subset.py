@@ -128,9 +128,28 @@ def _conditioning(data, n: int, num_classes: int, per: int) -> tuple[np.ndarray 
     return None, 0
 
 
-def build_subset(data) -> Subset:
-    """Draw the training set D that ``data`` (an EDM DataConfig) describes; same config, same D."""
-    source = open_data_source(data.source, split=data.split, resolution=data.resolution)
+@dataclass(frozen=True)
+class SubsetSpec:
+    """What build_subset reads of a config's data section (an EDM DataConfig has every one of these keys)."""
+
+    source: str
+    size: int
+    split: str | None = None
+    num_classes: int | None = None
+    classes: tuple[int, ...] | None = None
+    labels: str = "none"  # none, true, random, unique
+    random_label_classes: int = 10
+    resolution: int | None = None
+    blend_source: str | None = None
+    blend_ratio: float = 0.0
+    seed: int = 0
+
+
+def build_subset(data, *, source: ImageSource | None = None) -> Subset:
+    """Draw the training set D that ``data`` (a SubsetSpec or an EDM DataConfig) describes; same config, same D.
+    ``source``: the already opened data.source (the SD trainer opens it with labels when it has them)."""
+    if source is None:
+        source = open_data_source(data.source, split=data.split, resolution=data.resolution)
     h, w, _ = source.shape
     if h != w:
         raise InputError("data.resolution", f"{data.source} images are {w}x{h}, not square; set data.resolution "
@@ -138,8 +157,8 @@ def build_subset(data) -> Subset:
     class_ids, n = _pick_classes(data, source), data.size
     groups = [None] if class_ids is None else class_ids  # None: an unlabelled source, one pool
     if n % len(groups):
-        raise InputError("data.size", f"|D| = {n} must be divisible by num_classes C = {len(groups)} for the "
-                                      f"paper's equal class share (|D|/C images per class)")
+        raise InputError("data.size", f"|D| = {n} must be divisible by the {len(groups)} classes (num_classes C) "
+                                      f"for the paper's equal class share (|D|/C images per class)")
     per = n // len(groups)
     k = int(np.floor(data.blend_ratio * per + 0.5))  # round(α·|D|/C), halves up: blended images per class
     blend, blend_idx = _draw_blend(data, source, groups, k, h) if k else (None, [])
@@ -169,7 +188,8 @@ def build_subset(data) -> Subset:
                 per_class={str(c): per for c in (class_ids or [])} or None,
                 blend_per_class={str(c): k for c in (class_ids or [])} if k else None,
                 label_mode=data.labels, label_dim=label_dim, seed=data.seed,
-                random_label_classes=data.random_label_classes if data.labels == "random" else None)
+                random_label_classes=data.random_label_classes if data.labels == "random" else None,
+                files=[(blend if b else source).files[i] for i, b in zip(indices.tolist(), from_blend.tolist())])
     return Subset(images, labels, true_labels, indices, from_blend, label_dim, names, class_ids, info)
 
 

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..data.subset import FORMAT, Subset, _read, open_data_source
+from ..data.subset import Subset, SubsetSpec, build_subset, open_data_source
 from ..errors import InputError
 from .config import CLASS_FIELD, SDDataConfig
 
-_DRAW = 0  # the EDM builder's stream for the per-class draw: the same seed draws the same images
 
 
 def _open(data: SDDataConfig):
@@ -47,39 +46,18 @@ def prompt_indices(data: SDDataConfig, subset: Subset) -> np.ndarray:
 
 
 def build_sd_subset(data: SDDataConfig) -> Subset:
-    """Draw D: per class a seeded permutation, its first |D|/C images (the EDM builder's draw)."""
+    """Draw D with the shared builder: |D|/C seeded images of every class (the whole pool when the source is
+    unlabelled), labels = class positions; then record the prompts."""
     source = _open(data)
-    labels = source.labels
-    classes = [None] if labels is None else [int(c) for c in np.unique(labels)]
-    n, k = data.size, len(classes)
-    if n % k:
-        raise InputError("data.size", f"|D| = {n} must be divisible by the {k} classes of {data.source} (|D|/C "
-                                      "images per class)")
-    per = n // k
-    picks = []
-    for c in classes:
-        pool = np.arange(len(source)) if c is None else np.flatnonzero(labels == c)
-        if len(pool) < per:
-            what = f"{data.source} holds {len(pool)} images" if c is None else \
-                f"class {c} ({_name(source, c)}) of {data.source} has {len(pool)} images"
-            raise InputError("data.size", f"|D| = {n} needs {per} images" + (" per class" if c is not None else "")
-                             + f", but {what}")
-        picks.append(pool[np.random.default_rng([data.seed, _DRAW, c or 0]).permutation(len(pool))[:per]])
-    indices = np.concatenate(picks).astype(np.int64)
-    images = _read(source, indices)
-    names = None if labels is None else [_name(source, c) for c in classes]
-    label_arr = None if labels is None else np.repeat(np.arange(k, dtype=np.int64), per)
-    true_labels = None if labels is None else np.repeat(np.asarray(classes, np.int64), per)
-    r = data.resolution
-    info = dict(format=FORMAT, kind="sd", source=data.source, split=data.split, size=n, resolution=r,
-                shape=[n, r, r, 3], num_classes=None if labels is None else k,
-                class_ids=None if labels is None else classes, class_names=names,
-                per_class={str(c): per for c in classes} if labels is not None else None,
-                label_mode="none" if labels is None else "true", label_dim=0 if labels is None else k,
-                seed=data.seed, prompt=data.prompt, prompts=prompt_table(data, names),
-                files=[source.files[i] for i in indices])
-    return Subset(images, label_arr, true_labels, indices, np.zeros(n, bool), info["label_dim"], names,
-                  None if labels is None else classes, info)
+    labelled = source.labels is not None
+    spec = SubsetSpec(source=data.source, split=data.split, size=data.size, resolution=data.resolution,
+                      labels="true" if labelled else "none", seed=data.seed)
+    subset = build_subset(spec, source=source)
+    if labelled and subset.class_names is None:  # a class prompt needs a name: the label value itself
+        subset.class_names = [_name(source, c) for c in subset.class_ids]
+    subset.info.update(kind="sd", class_names=subset.class_names, prompt=data.prompt,
+                       prompts=prompt_table(data, subset.class_names))
+    return subset
 
 
 def _name(source, c: int) -> str:
