@@ -14,8 +14,8 @@ import os
 import re
 import types
 import typing
-from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal, Mapping, Optional, Sequence, Union
+from dataclasses import field
+from typing import Any, ClassVar, Literal, Mapping, Sequence, Union
 
 import yaml
 

@@ -48,6 +48,17 @@ def update_ema(ema: list, params: list, decay: float) -> None:
         torch._foreach_lerp_(ema, src, 1.0 - decay)
 
 
+def make_optimizer(params: list, *, lr: float, weight_decay: float, decoupled: bool, betas=(0.9, 0.999),
+                   eps: float = 1e-8):
+    """Adam over the trainable parameters only: with L2 weight decay added to the gradient (the paper's EDM
+    trainer, Sec. 5) or decoupled AdamW (the SD fine-tune, Appendix G)."""
+    import torch
+
+    params = [p for p in params if p.requires_grad]
+    cls = torch.optim.AdamW if decoupled else torch.optim.Adam
+    return cls(params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+
+
 def set_tf32(enabled: bool) -> None:
     """TF32 matmuls and convolutions on Ampere+ GPUs (no effect on a CPU)."""
     import torch

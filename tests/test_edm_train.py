@@ -11,13 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from sdmem.config import apply_overrides
 from sdmem.runs import load_config
 from sdmem.edm import train as train_mod
-from sdmem.edm.generate import generate_run
 from sdmem.edm.train import Schedule, ema_beta, train
 from sdmem.training import batch_indices
 from sdmem.errors import InputError, SdmemError
@@ -57,7 +55,7 @@ def test_schedule_ema_and_data_order():
     assert snaps == [13, 25, 32]  # epochs 4.16, 8.0, and the last step
 
 
-def test_train_tracks_snapshots_and_generates(tmp_path):
+def test_train_tracks_snapshots_logs_and_keeps_the_best(tmp_path):
     cfg, _ = tiny_config(tmp_path, labels="true", track=24)
     summary = train(cfg, progress=False)
     run = Path(cfg.out_dir)
@@ -71,35 +69,14 @@ def test_train_tracks_snapshots_and_generates(tmp_path):
     logs = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logs] == list(range(2, 17, 2)) and all(np.isfinite(r["loss"]) for r in logs)
     assert logs[0]["lr"] < logs[-1]["lr"] == pytest.approx(2e-4)
-    # Generation: one PNG per seed from its own noise (another batch grid: equal up to batched-kernel rounding),
-    # classes recorded in the manifest; a resume re-renders whole grid blocks, so it is byte-equal.
-    n1 = generate_run(run, tmp_path / "g1", seeds=list(range(7)), batch=3, steps=4, device="cpu", progress=False)
-    n2 = generate_run(run, tmp_path / "g2", seeds=list(range(7)), batch=8, steps=4, device="cpu", progress=False)
-    assert n1 == n2 == 7
-    before = {k: (tmp_path / "g1" / f"{k:06d}.png").read_bytes() for k in range(7)}
-    for k in range(7):
-        a = np.asarray(Image.open(tmp_path / "g1" / f"{k:06d}.png")).astype(int)
-        assert np.abs(a - np.asarray(Image.open(tmp_path / "g2" / f"{k:06d}.png"))).max() <= 1
-    manifest = json.loads((tmp_path / "g1" / "manifest.json").read_text())
-    assert {v["class"] for v in manifest["images"].values()} <= {0, 1}
-    assert manifest["settings"]["snapshot"] == "epoch 8" and manifest["settings"]["batch"] == 3
-    os.remove(tmp_path / "g1" / "000003.png")
-    (tmp_path / "g1" / "000004.png").write_bytes(before[4][: len(before[4]) // 2])  # truncated: not done
-    assert generate_run(run, tmp_path / "g1", seeds=list(range(7)), batch=3, steps=4, device="cpu",
-                        progress=False) == 2
-    assert all((tmp_path / "g1" / f"{k:06d}.png").read_bytes() == before[k] for k in range(7))
-    # Another snapshot, step count or class into the same folder is refused by name.
-    for kw, name in ((dict(snapshot="4"), "snapshot"), (dict(steps=5), "steps"), (dict(class_label=1), "class")):
-        with pytest.raises(InputError, match=name):
-            generate_run(run, tmp_path / "g1", seeds=list(range(7)), **{"batch": 3, "steps": 4, **kw},
-                         device="cpu", progress=False)
-    with pytest.raises(InputError, match="--class"):
-        generate_run(run, tmp_path / "g3", seeds=[0], class_label=5, steps=4, device="cpu", progress=False)
-    # The auditor takes the run folder as --train: exactly the saved subset D.
+
+
+def test_the_auditor_takes_the_run_folder_as_its_training_set(tiny_edm_run):
     from sdmem.audit import audit
     from sdmem.data.subset import load_subset
-    d = load_subset(run)
-    report = audit(run, np.asarray(d.images[:3]), progress=False)
+
+    d = load_subset(tiny_edm_run)
+    report = audit(tiny_edm_run, np.asarray(d.images[:3]), progress=False)
     assert report.replica.all() and report.nn1_index.tolist() == [0, 1, 2]
 
 

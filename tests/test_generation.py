@@ -134,3 +134,60 @@ def test_a_new_class_choice_never_rewrites_the_classes_of_existing_images(tiny_e
             "--quiet")
     r.one_line_error("class")
     assert (out / "manifest.json").read_bytes() == before
+
+
+EDM_GEN = dict(seeds=list(range(7)), steps=4, device="cpu", progress=False)
+
+
+@pytest.fixture
+def edm_generated(tiny_edm_run, tmp_path, one_thread):
+    from sdmem.edm.generate import generate_run
+
+    assert generate_run(tiny_edm_run, tmp_path / "g1", batch=3, **EDM_GEN) == 7
+    return tmp_path / "g1"
+
+
+def _png(path):
+    return np.asarray(Image.open(path)).astype(int)
+
+
+def test_edm_generation_on_another_batch_grid_agrees_within_one_level(tiny_edm_run, edm_generated, tmp_path):
+    from sdmem.edm.generate import generate_run
+
+    assert generate_run(tiny_edm_run, tmp_path / "g2", batch=8, **EDM_GEN) == 7
+    for k in range(7):  # the same per-seed noise; batched kernels may round differently on another grid
+        assert np.abs(_png(edm_generated / f"{k:06d}.png") - _png(tmp_path / "g2" / f"{k:06d}.png")).max() <= 1
+
+
+def test_edm_manifest_records_snapshot_batch_and_classes(edm_generated):
+    manifest = json.loads((edm_generated / "manifest.json").read_text())
+    assert {v["class"] for v in manifest["images"].values()} <= {0, 1}
+    assert manifest["settings"]["snapshot"] == "epoch 8" and manifest["settings"]["batch"] == 3
+    assert manifest["settings"]["made_by"]["kind"] == "edm" and len(manifest["settings"]["made_by"]["fingerprint"]) == 64
+
+
+def test_edm_resumed_generation_is_byte_equal(tiny_edm_run, edm_generated):
+    from sdmem.edm.generate import generate_run
+
+    before = {k: (edm_generated / f"{k:06d}.png").read_bytes() for k in range(7)}
+    (edm_generated / "000003.png").unlink()
+    (edm_generated / "000004.png").write_bytes(before[4][: len(before[4]) // 2])  # truncated: not done
+    assert generate_run(tiny_edm_run, edm_generated, batch=3, **EDM_GEN) == 2
+    assert all((edm_generated / f"{k:06d}.png").read_bytes() == before[k] for k in range(7))
+
+
+@pytest.mark.parametrize("change,name", [(dict(snapshot="4"), "snapshot"), (dict(steps=5), "steps"),
+                                         (dict(class_label=1), "class"), (dict(batch=4), "batch")])
+def test_edm_generation_with_other_settings_is_refused(tiny_edm_run, edm_generated, change, name):
+    from sdmem.edm.generate import generate_run
+
+    with pytest.raises(InputError, match=name):
+        generate_run(tiny_edm_run, edm_generated, **{**EDM_GEN, "batch": 3, **change})
+
+
+def test_edm_class_out_of_range_is_refused(tiny_edm_run, tmp_path):
+    from sdmem.edm.generate import generate_run
+
+    with pytest.raises(InputError, match="--class"):
+        generate_run(tiny_edm_run, tmp_path / "g3", **dict(EDM_GEN, seeds=[0]), class_label=5)
+    assert not (tmp_path / "g3").exists()

@@ -22,9 +22,9 @@ from ..config import config_to_dict, fingerprint
 from ..data import ArraySource
 from ..data.subset import Subset, build_subset
 from ..errors import InputError, SdmemError
-from ..runs import JsonlLog, RunPaths, check_reuse, load_or_build_subset, write_run_folder
-from ..training import (batch_indices, check_world, finish_accelerator, make_accelerator, rank_share, set_tf32,
-                        step_seed, update_ema)
+from ..runs import JsonlLog, RunPaths, check_reuse, load_or_build_subset, read_json, write_run_folder
+from ..training import (batch_indices, check_world, finish_accelerator, make_accelerator, make_optimizer, rank_share,
+                        set_tf32, step_seed, update_ema)
 from ..utils import atomic_write_text
 from .config import EDMConfig
 from .generate import generate_images
@@ -181,8 +181,8 @@ def train(cfg: EDMConfig, *, progress: bool = True) -> dict:
     torch.manual_seed(cfg.seed)
     net = build_denoiser(cfg, res, label_dim).to(device).train()
     ema = copy.deepcopy(net).eval().requires_grad_(False)
-    optimizer = torch.optim.Adam(net.parameters(), lr=cfg.train.lr, betas=(0.9, 0.999), eps=1e-8,
-                                 weight_decay=cfg.train.weight_decay)
+    optimizer = make_optimizer(list(net.parameters()), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
+                               decoupled=False)
     step = _load_checkpoint(cfg, paths, net, ema, optimizer)
 
     # Now that everything checked out, write the run folder (config and the exact subset D), and drop log rows
@@ -269,7 +269,7 @@ def train(cfg: EDMConfig, *, progress: bool = True) -> dict:
     summary = {"out_dir": str(paths.root), "steps": step, "epochs": sched.epoch(step), "num_train": len(subset),
                "label_dim": label_dim, "resolution": res, "main_process": acc.is_main_process}
     if paths.best.exists():
-        summary["best"] = json.loads(paths.best.read_text())
+        summary["best"] = read_json(paths.best, "best snapshot record")
     finish_accelerator(acc)
     return summary
 

@@ -88,10 +88,10 @@ class SDTrainConfig(Section):
 class SDGenerateConfig(Section):
     """Sampling for validation images and the default of ``sdmem generate`` (Appendix G: DDIM, 50 steps)."""
     _prefix: ClassVar[str] = "generate"
-    steps: int = setting(50, ge=1, training=False)
-    guidance_scale: float = setting(7.5, ge=0.0, training=False)  # the paper gives none: diffusers' default
+    steps: int = setting(50, ge=1, le=1000, training=False)
+    guidance_scale: float = setting(7.5, ge=0.0, le=100.0, training=False)  # the paper gives none: diffusers' default
     eta: float = setting(0.0, ge=0.0, training=False)  # DDIM eta (0: deterministic given the seed)
-    batch: int = setting(16, ge=1, training=False)
+    batch: int = setting(16, ge=1, le=4096, training=False)
     seed: int = setting(0, ge=0, training=False)  # validation images use seeds seed .. seed + k - 1
 
 

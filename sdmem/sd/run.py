@@ -12,7 +12,7 @@ import torch
 
 from ..config import config_to_dict, fingerprint
 from ..errors import InputError
-from ..runs import RunPaths
+from ..runs import RunPaths, read_json
 from ..utils import atomic_write_text
 from .config import SDConfig
 
@@ -128,7 +128,7 @@ def save_outputs(cfg: SDConfig, paths: RunPaths, comps, unet, step: int) -> dict
         unet.save_pretrained(str(tmp / "unet"), safe_serialization=True)
         for part in ("vae", "text_encoder", "tokenizer", "scheduler"):
             shutil.copytree(comps.path / part, tmp / part)
-        index = json.loads((comps.path / "model_index.json").read_text())
+        index = read_json(comps.path / "model_index.json", "pipeline index")
         index.update(safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False)
         index.pop("image_encoder", None)
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")

@@ -9,7 +9,6 @@ EMA, the optimizer state, the LR schedule and the fp16 loss scale; with the step
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import shutil
 import time
@@ -23,8 +22,8 @@ from ..config import config_to_dict, flatten_config
 from ..data.subset import Subset
 from ..errors import InputError, SdmemError
 from ..runs import JsonlLog, RunPaths, check_reuse, load_or_build_subset, read_json, write_run_folder
-from ..training import (batch_indices, check_world, finish_accelerator, make_accelerator, rank_share, set_tf32,
-                        step_seed, update_ema)
+from ..training import (batch_indices, check_world, finish_accelerator, make_accelerator, make_optimizer, rank_share,
+                        set_tf32, step_seed, update_ema)
 from ..utils import save_png
 from .components import make_pipeline
 from .config import SDConfig
@@ -167,8 +166,8 @@ class SDTrainer:
         self.params = [p for _, p in self.named]
         self.ema = [p.detach().clone().float() for p in self.params] if cfg.train.ema else None
         t = cfg.train
-        self.optimizer = torch.optim.AdamW(self.params, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
-                                           weight_decay=t.weight_decay)
+        self.optimizer = make_optimizer(self.params, lr=t.lr, weight_decay=t.weight_decay, decoupled=True,
+                                        betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps)
         self.lr_scheduler = get_scheduler(t.lr_schedule, self.optimizer, num_warmup_steps=t.lr_warmup_steps,
                                           num_training_steps=self.total)
         self.step, scaler_state = load_checkpoint(cfg, self.paths, self.device, self.named, self.ema, self.optimizer,
