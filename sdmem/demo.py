@@ -52,6 +52,11 @@ def run_demo(out: str | os.PathLike = "demo_out", *, train_size: int = 500, num:
         for name, generated in (("optimum", stage / "optimum_samples"), ("heldout", held)):
             report = audit(train, generated, out=stage / f"audit_{name}", device=dev, progress=progress)
             results[name] = report.summary()
+        # The reports name the staging folder: point them at where it all ends up.
+        for name in results:
+            path = stage / f"audit_{name}" / "summary.json"
+            path.write_text(path.read_text().replace(str(stage), str(out)))
+            results[name] = json.loads(path.read_text())
         comparison = {
             "train": {"source": "scikit-learn digits (8x8, 10 classes)", "size": train_size, "seed": seed},
             "optimum": results["optimum"],
