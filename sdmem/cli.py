@@ -252,6 +252,38 @@ def _run_generate(args) -> int:
     return 0
 
 
+def _add_sweep(sub) -> None:
+    p = sub.add_parser("sweep", help="train, generate and audit a grid of runs from one spec; collect results.csv",
+                       description="Runs every point of a sweep spec (axes: a product; zip: values that move together) "
+                                   "not yet finished: train (resuming), generate, audit; then writes OUT_DIR/results.csv "
+                                   "and results.md. Points are claimed, so concurrent workers (--shard) never run one "
+                                   "twice.")
+    p.add_argument("spec", metavar="SPEC", help="sweep spec (YAML)")
+    p.add_argument("--dry-run", action="store_true", help="list the points with their parameter counts; write nothing")
+    p.add_argument("--only", action="append", default=[], metavar="KEY=VALUE",
+                   help="only the points with this swept value (repeatable)")
+    p.add_argument("--shard", metavar="I/N", help="this worker's deterministic share: points I, I+N, ... (1-based)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_run_sweep)
+
+
+def _run_sweep(args) -> int:
+    from .study.sweep import dry_run, load_spec, markdown_table, parse_shard, run_sweep
+
+    spec = load_spec(args.spec)
+    shard = parse_shard(args.shard) if args.shard else None
+    if args.dry_run:
+        rows = dry_run(spec, only=args.only, shard=shard)
+        cols = ["point", *spec.swept, "size", "num_params", "status"]
+        print(markdown_table(rows, cols), end="")
+        print(f"{len(rows)} points; nothing was written")
+        return 0
+    rows = run_sweep(spec, only=args.only, shard=shard, progress=not args.quiet, device=args.device)
+    print(f"{len(rows)} finished points in {spec.out_dir / 'results.csv'}")
+    return 0
+
+
 def _one_line(text: str) -> str:
     return " ".join(text.split())
 
@@ -310,6 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo(sub)
     _add_train(sub)
     _add_generate(sub)
+    _add_sweep(sub)
     return parser
 
 

@@ -196,14 +196,17 @@ def read_yaml_mapping(path: str | os.PathLike) -> dict:
 
 def load_config(path: str | os.PathLike, overrides: Sequence[str], kinds: Mapping[str, type]):
     """Read a YAML run config, pick its class by ``kind`` from ``kinds``, apply ``--set`` overrides, check it."""
-    name = os.fspath(path)
-    data = read_yaml_mapping(name)
+    return config_from_mapping(read_yaml_mapping(path), overrides, kinds, os.fspath(path))
+
+
+def config_from_mapping(data: Mapping, overrides: Sequence[str], kinds: Mapping[str, type], where: str = ""):
+    """A raw config mapping with ``--set`` overrides as the config class its ``kind`` names in ``kinds``."""
     kind = ([v for k, v in map(_parse_override, overrides) if k == "kind"] or [data.get("kind")])[-1]
     kind = None if kind is None else str(kind)
-    need(kind in kinds, f"{name}: kind", ("required key is missing" if kind is None else f"unknown kind {kind!r}")
-         + f"; expected {' or '.join(kinds)}")
+    need(kind in kinds, f"{where}: kind" if where else "kind", ("required key is missing" if kind is None else
+                                                                f"unknown kind {kind!r}") + f"; expected {' or '.join(kinds)}")
     cls = kinds[kind]
-    return config_from_dict(cls, _override_dict(cls, data, overrides), name)
+    return config_from_dict(cls, _override_dict(cls, data, overrides), where)
 
 
 def config_to_dict(cfg) -> dict:

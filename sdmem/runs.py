@@ -32,6 +32,11 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()):
     return _engine.load_config(path, overrides, KINDS)
 
 
+def config_from_mapping(data, overrides: Sequence[str] = (), where: str = ""):
+    """A run config of any kind from a raw mapping (e.g. a sweep's inline base) with ``--set`` overrides."""
+    return _engine.config_from_mapping(data, overrides, KINDS, where)
+
+
 class RunPaths:
     """Where a run keeps each of its files (the union over kinds; each trainer uses its own)."""
 
@@ -58,6 +63,10 @@ class RunPaths:
     def list_snapshots(self) -> dict[int, Path]:
         """{epoch: path} of the EMA snapshots present, in epoch order."""
         return _numbered(self.snapshots, _SNAPSHOT_RE)
+
+    def tracking_audit(self, epoch: int) -> Path:
+        """The audit report of the images tracked at the snapshot of ``epoch`` (per_sample.csv, replicas.png)."""
+        return self.root / "tracking" / f"epoch-{epoch:07d}"
 
     def checkpoint_dir(self, step: int) -> Path:
         return self.checkpoints / f"step-{step:07d}"

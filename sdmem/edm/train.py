@@ -114,8 +114,10 @@ def track_memorization(cfg: EDMConfig, paths: RunPaths, ema, subset: Subset, dev
     seeds = list(range(cfg.track.seed, cfg.track.seed + cfg.track.num_images))
     images = generate_images(ema, seeds, resolution=subset.images.shape[1], label_dim=subset.label_dim,
                              device=device, batch=cfg.track.batch, steps=cfg.track.steps)
+    # The audit's report (per-sample flags and neighbours, replica grid) is kept per snapshot: a study
+    # bootstraps the flags of the snapshot it reports.
     report = audit(ArraySource("D", np.asarray(subset.images)), images, backend=cfg.track.backend,
-                   progress=False)
+                   out=paths.tracking_audit(epoch), progress=False)
     row = {"epoch": epoch, "step": step, "nimg": nimg, "memorization_ratio": report.memorization_ratio,
            "memorization_ratio_ci95": list(report.ci95), "knn_distance": report.knn_distance,
            "num_generated": len(seeds), "time": time.time()}
