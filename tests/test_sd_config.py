@@ -91,23 +91,23 @@ def test_paper_configs_table3_and_smoke_config():
         assert (cfg.data.resolution, cfg.train.batch_size, cfg.train.gradient_accumulation) == (256, 16, 4)
         assert (cfg.train.images_seen, cfg.train.weight_decay, cfg.train.ema, cfg.generate.steps) == \
             (400_000, 1e-6, True, 50)
-    # One config per Table 3 cell, and the files are what make_table3.py writes now.
-    sys.path.insert(0, str(ROOT / "train_configs/sd"))
-    try:
-        import make_table3
-    finally:
-        sys.path.pop(0)
-    files = sorted((ROOT / "train_configs/sd/table3").glob("*.yaml"))
-    assert len(files) == 40 == len(make_table3.cells())
+    # Table 3 is one sweep spec: 40 points, each cell with the paper's values.
+    from sdmem.study.sweep import load_spec, points
+
+    pts = points(load_spec(ROOT / "train_configs/sd/table3.yaml"))
+    assert len(pts) == 40
     seen = set()
-    for f in files:
-        cfg = load_config(f)
-        assert yaml.safe_load(f.read_text()) == make_table3.cells()[f.stem]
+    for p in pts:
+        cfg = p.config
         rank = cfg.model.rank if cfg.model.method == "lora" else None
         seen.add((cfg.model.method, rank, cfg.data.prompt, cfg.data.size))
-        assert cfg.out_dir == f"runs/sd/table3/{f.stem}"
+        assert cfg.train.lr == (1e-4 if cfg.model.method == "full" else 3e-4)
+        assert (cfg.data.resolution, cfg.train.batch_size, cfg.train.gradient_accumulation, cfg.train.images_seen,
+                cfg.train.weight_decay, cfg.train.ema, cfg.generate.steps) == (256, 16, 4, 400_000, 1e-6, True, 50)
+        assert cfg.model.alpha == (rank or cfg.model.alpha) and str(cfg.out_dir).startswith("runs/sd/table3/")
     assert seen == {(m, r, p, n) for m, r in [("lora", 16), ("lora", 256), ("lora", 1024), ("full", None)]
                     for p in ("plain", "class") for n in (400, 500, 800, 1000, 2000)}
+    assert "prompt-class_size-400_lora-r256" in {p.name for p in pts}
     smoke = load_config(ROOT / "train_configs/smoke/sd.yaml")
     assert smoke.model.pretrained == "runs/tiny-sd" and smoke.data.source == "data/imagenette-tiny"
 

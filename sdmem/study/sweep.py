@@ -8,6 +8,7 @@ A spec::
     overrides: {train.epochs: 40000} # fixed dotted keys
     axes: {data.size: [1000, 2000, 5000]}             # a product over these lists
     zip: [{data.resolution: [32, 16], model.attn_resolutions: [[16], [8]]}]  # values that move together
+                                     # (a group's optional `name` list labels its entries in folder names)
     generate: {num: 10000}           # images generated and audited per point
     report: best                     # best: the snapshot with the highest tracked ratio (the paper); final
 
@@ -97,13 +98,17 @@ def load_spec(path: str | os.PathLike) -> Spec:
     if not isinstance(zips, list):
         raise _err(path, "zip", "expected a list of groups, each mapping dotted keys to lists of equal length")
     for g, group in enumerate(zips):
+        if isinstance(group, dict) and "name" in group:
+            labels = group["name"]
+            if not isinstance(labels, list) or len(set(map(str, labels))) != len(labels):
+                raise _err(path, f"zip[{g}].name", "expected a list of distinct labels, one per entry")
         if not isinstance(group, dict) or not group:
             raise _err(path, f"zip[{g}]", "expected a mapping of dotted keys to lists of equal length")
         lengths = {k: len(v) if isinstance(v, list) else -1 for k, v in group.items()}
         if min(lengths.values()) < 1 or len(set(lengths.values())) != 1:
             raise _err(path, f"zip[{g}]", "expected non-empty lists of one length, got lengths "
                                           + ", ".join(f"{k}: {n if n >= 0 else 'not a list'}" for k, n in lengths.items()))
-    swept = list(axes) + [k for group in zips for k in group]
+    swept = list(axes) + [k for group in zips for k in group if k != "name"]
     twice = sorted({k for k in swept if swept.count(k) > 1} | (set(swept) & set(overrides)))
     if twice:
         raise _err(path, twice[0], "is set more than once (axes, zip groups and overrides must not overlap)")
@@ -144,18 +149,23 @@ def _slug(value) -> str:
     return re.sub(r"[^A-Za-z0-9.+-]+", "", text.replace(",", "+")) or "x"
 
 
-def point_name(values: dict[str, Any]) -> str:
-    """A folder name from the swept values: ``size-1000_channels-64`` (the last part of each dotted key)."""
+def point_name(values: dict[str, Any], labels: Sequence[str] = ()) -> str:
+    """A folder name from the swept values: ``size-1000_channels-64`` (the last part of each dotted key), with the
+    labels of named zip groups in place of their values."""
     parts = [f"{k.rsplit('.', 1)[-1]}-{_slug(v)}" for k, v in values.items() if v is not None]
-    return "_".join(parts) or "base"
+    return "_".join(parts + [_slug(x) for x in labels]) or "base"
 
 
-def _combinations(spec: Spec) -> list[dict[str, Any]]:
-    lists = [[{k: v} for v in vals] for k, vals in spec.axes.items()]
+def _combinations(spec: Spec) -> list[tuple[dict[str, Any], list[str]]]:
+    """(swept values, labels of named zip groups) of every point."""
+    lists = [[({k: v}, None) for v in vals] for k, vals in spec.axes.items()]
     for group in spec.zips:
-        n = len(next(iter(group.values())))
-        lists.append([{k: group[k][i] for k in group} for i in range(n)])
-    return [{k: v for part in combo for k, v in part.items()} for combo in itertools.product(*lists)]
+        keys = [k for k in group if k != "name"]
+        n = len(group[keys[0]])
+        lists.append([({k: group[k][i] for k in keys}, group["name"][i] if "name" in group else None)
+                      for i in range(n)])
+    return [({k: v for part, _ in combo for k, v in part.items()}, [str(x) for _, x in combo if x is not None])
+            for combo in itertools.product(*lists)]
 
 
 def point_config(spec: Spec, values: dict[str, Any], run_dir: Path):
@@ -176,8 +186,9 @@ def point_config(spec: Spec, values: dict[str, Any], run_dir: Path):
 def points(spec: Spec) -> list[Point]:
     """Every point of the spec, in a deterministic order (by name); names are unique."""
     out = {}
-    for values in _combinations(spec):
-        name = point_name(values)
+    for values, labels in _combinations(spec):
+        named = {k for group in spec.zips if "name" in group for k in group if k != "name"}
+        name = point_name({k: v for k, v in values.items() if k not in named}, labels)
         if name in out:  # two values with the same short form: fall back to the full dotted keys
             name = "_".join(f"{k}-{_slug(v)}" for k, v in values.items())
         folder = spec.out_dir / name
