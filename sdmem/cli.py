@@ -343,6 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_generate(sub)
     _add_sweep(sub)
+    from .study.emm import add_parser as _add_emm
+
+    _add_emm(sub)
     return parser
 
 

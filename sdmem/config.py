@@ -26,9 +26,12 @@ _EXP_NUMBER = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")  # 2e-4: a str
 _BOUNDS = {"ge": (operator.ge, ">="), "gt": (operator.gt, ">"), "le": (operator.le, "<="), "lt": (operator.lt, "<")}
 
 
-def setting(default: Any = _MISSING, *, training: bool = True, aliases: dict | None = None, factory=None, **bounds):
-    """A config field with bounds (ge/gt/le/lt, on each element of a list); ``training=False``: not hashed."""
-    meta = {"training": training, "aliases": aliases or {}, "bounds": bounds}
+def setting(default: Any = _MISSING, *, training: bool = True, aliases: dict | None = None, factory=None,
+            since_default: bool = False, **bounds):
+    """A config field with bounds (ge/gt/le/lt, on each element of a list); ``training=False``: not hashed.
+    ``since_default``: a training key added later, left out of the fingerprint at its default, so runs made
+    before it existed keep their fingerprint (and resume)."""
+    meta = {"training": training, "aliases": aliases or {}, "bounds": bounds, "since_default": since_default}
     return field(default=default, default_factory=factory or _MISSING, metadata=meta)
 
 
@@ -238,8 +241,21 @@ def fingerprint(cfg) -> str:
     """sha256 (hex) of the keys that change what is learnt, less the ones this config ignores (not out_dir,
     epochs, logging, tracking): two configs with the same fingerprint train the same model."""
     keep = training_keys(type(cfg)) - cfg.ignored_keys()
-    flat = {k: v for k, v in flatten_config(cfg).items() if k in keep}
+    later = _since_defaults(type(cfg))
+    flat = {k: v for k, v in flatten_config(cfg).items() if k in keep and not (k in later and later[k] == v)}
     return hashlib.sha256(json.dumps(flat, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _since_defaults(cls: type, prefix: str = "") -> dict:
+    """{dotted key: default} of the training keys marked ``since_default``."""
+    out, hints = {}, typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        dotted = f"{prefix}.{f.name}" if prefix else f.name
+        if dataclasses.is_dataclass(hints[f.name]):
+            out.update(_since_defaults(hints[f.name], dotted))
+        elif f.metadata.get("since_default"):
+            out[dotted] = f.default
+    return out
 
 
 def changed_training_keys(old, new) -> list[str]:

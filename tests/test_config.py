@@ -195,3 +195,16 @@ def test_track_backends_match_the_audit():
     from sdmem.edm.config import TrackConfig
     assert set(get_args(get_type_hints(TrackConfig)["backend"])) == set(BACKENDS)
     assert config_to_dict(TrackConfig())["backend"] == "auto"
+
+
+def test_a_training_key_added_later_keeps_old_fingerprints_at_its_default(tmp_path):
+    import hashlib
+
+    from sdmem.config import flatten_config
+
+    cfg = load_config(write(tmp_path, BASIC))
+    keep = training_keys(EDMConfig) - {"train.ema_rule"}
+    flat = {k: v for k, v in flatten_config(cfg).items() if k in keep}
+    before = hashlib.sha256(json.dumps(flat, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    assert cfg.train.ema_rule == "batch_scaled" and fingerprint(cfg) == before  # as runs made before the key
+    assert fingerprint(apply_overrides(cfg, ["train.ema_rule=per_step"])) != before

@@ -53,6 +53,18 @@ def test_schedule_ema_and_data_order():
     assert not np.array_equal(batch_indices(0, 32, 100, 0), batch_indices(0, 32, 100, 1))
     snaps = [k for k in range(1, s.total_steps + 1) if s.crosses(k, 4)]
     assert snaps == [13, 25, 32]  # epochs 4.16, 8.0, and the last step
+    assert [k for k in range(1, s.total_steps + 1) if s.snapshot_due(k)] == snaps
+    by_images = Schedule(num_train=100, batch=32, epochs=10, warmup_epochs=2, snapshot_epochs=4, checkpoint_epochs=1,
+                         snapshot_kimg=0.3)  # every 300 images (snapshot_kimg: thousands of images)
+    assert [k for k in range(1, 33) if by_images.snapshot_due(k)] == [10, 19, 29, 32]
+
+
+def test_ema_rules_agree_at_the_reference_batch_and_differ_elsewhere():
+    assert ema_beta(0.99929, 512, 1.0, "per_step") == pytest.approx(ema_beta(0.99929, 512, 1.0)) == \
+        pytest.approx(0.99929)
+    assert ema_beta(0.99929, 128, 1.0, "per_step") == pytest.approx(0.99929)  # the paper code: per step
+    assert ema_beta(0.99929, 128, 1.0) == pytest.approx(0.99929 ** 0.25)  # a fixed half-life in images
+    assert ema_beta(0.99929, 128, 0.5, "per_step") == pytest.approx(0.99929 ** 2)  # warm-up halves the half-life
 
 
 def test_train_tracks_snapshots_logs_and_keeps_the_best(tmp_path):

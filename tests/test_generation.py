@@ -163,6 +163,7 @@ def test_edm_manifest_records_snapshot_batch_and_classes(edm_generated):
     manifest = json.loads((edm_generated / "manifest.json").read_text())
     assert {v["class"] for v in manifest["images"].values()} <= {0, 1}
     assert manifest["settings"]["snapshot"] == "epoch 8" and manifest["settings"]["batch"] == 3
+    assert manifest["settings"]["sigma_min"] == 0.002  # the run's track.sigma_min
     assert manifest["settings"]["made_by"]["kind"] == "edm" and len(manifest["settings"]["made_by"]["fingerprint"]) == 64
 
 

@@ -66,9 +66,13 @@ class TrainConfig(Section):
     lr: float = setting(2e-4, gt=0.0)
     weight_decay: float = setting(0.0, ge=0.0)  # L2 penalty (Sec. 5)
     warmup_epochs: int = setting(200, ge=0)  # linear LR and EMA ramp, epoch-wise (Appendix B)
-    ema_rate: float = setting(0.99929, ge=0.0, lt=1.0)  # per optimizer step of 512 images (EDM's 500 kimg half-life)
+    ema_rate: float = setting(0.99929, ge=0.0, lt=1.0)  # EMA decay per optimizer step (ema_rule says of which batch)
+    # per_step: ema_rate per optimizer step whatever the batch (the paper code's default); batch_scaled: ema_rate per
+    # 512 images, i.e. a fixed half-life in images (EDM's 500 kimg). Equal at batch 512. Both ramp up in warm-up.
+    ema_rule: Literal["per_step", "batch_scaled"] = setting("batch_scaled", since_default=True)
     precision: Literal["fp32", "tf32", "bf16"] = setting("fp32")
     snapshot_epochs: int = setting(1000, ge=1, training=False)  # EMA snapshot (+ memorization tracking)
+    snapshot_kimg: Optional[int] = setting(None, ge=1, training=False)  # instead: every N thousand images (2500)
     checkpoint_epochs: int = setting(500, ge=1, training=False)  # full resumable state
     log_every_steps: int = setting(100, ge=1, training=False)
 
@@ -86,6 +90,9 @@ class TrackConfig(Section):
     backend: Literal["auto", "int8", "faiss", "torch"] = setting("auto", training=False)  # the 2-NN search
     batch: int = setting(500, ge=1, training=False)  # images per sampler batch
     steps: int = setting(18, ge=1, training=False)  # EDM Heun steps
+    # The sampler's lowest noise level: never below the network's trained range (VE: 0.02, as the paper's
+    # evaluation clamps it). `sdmem generate` uses the run's value.
+    sigma_min: float = setting(0.002, gt=0.0, lt=80.0, training=False)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -31,7 +31,7 @@ def class_labels_for(seeds: list[int], label_dim: int, class_label: int | None) 
 @torch.no_grad()
 def generate_images(denoiser, seeds: list[int], *, resolution: int, label_dim: int, device, batch: int,
                     steps: int = 18, class_label: int | None = None, labels: torch.Tensor | None = None,
-                    progress: bool = False) -> np.ndarray:
+                    sigma_min: float = 0.002, progress: bool = False) -> np.ndarray:
     """uint8 [len(seeds), R, R, 3] with the Heun sampler in batches of ``batch``, one seed per image.
 
     ``labels`` (int64 [len(seeds)]) overrides the class rule of ``class_label``.
@@ -43,7 +43,8 @@ def generate_images(denoiser, seeds: list[int], *, resolution: int, label_dim: i
         chunk = seeds[start : start + batch]
         latents = seeded_latents(chunk, (3, resolution, resolution), device)
         lab = None if labels is None else labels[start : start + len(chunk)].to(device)
-        out[start : start + len(chunk)] = to_uint8(heun_sampler(denoiser, latents, lab, num_steps=steps))
+        out[start : start + len(chunk)] = to_uint8(heun_sampler(denoiser, latents, lab, num_steps=steps,
+                                                                sigma_min=sigma_min))
     return out
 
 
@@ -70,8 +71,9 @@ def run_plan(run_dir: str | os.PathLike, *, snapshot: str = "latest", class_labe
     label_dim, res = meta["label_dim"], meta["img_resolution"]
     fixed = _fixed_class(class_label, label_dim)
     dev = resolve_device(device)
+    sigma_min = cfg.track.sigma_min  # never below the network's trained σ range (the run's own setting)
     settings = {"made_by": {"kind": "edm", "fingerprint": fingerprint(cfg)}, "snapshot": f"epoch {meta['epoch']}",
-                "sampler": "edm-heun", "steps": steps, "batch": batch, "size": [res, res]}
+                "sampler": "edm-heun", "steps": steps, "sigma_min": sigma_min, "batch": batch, "size": [res, res]}
 
     def condition(seed: int) -> dict:
         if not label_dim:
@@ -84,7 +86,7 @@ def run_plan(run_dir: str | os.PathLike, *, snapshot: str = "latest", class_labe
         def render(seeds: list[int], conds: list[dict]) -> np.ndarray:
             labels = torch.tensor([c["class"] for c in conds], dtype=torch.int64) if label_dim else None
             return generate_images(net, seeds, resolution=res, label_dim=label_dim, device=dev, batch=len(seeds),
-                                   steps=steps, labels=labels)
+                                   steps=steps, labels=labels, sigma_min=sigma_min)
         return render
 
     info = {"run": str(Path(run_dir).resolve()), "snapshot_file": path.name, "device": dev}

@@ -44,6 +44,14 @@ class Schedule:
     warmup_epochs: int
     snapshot_epochs: int
     checkpoint_epochs: int
+    snapshot_kimg: int | None = None
+
+    def snapshot_due(self, step: int) -> bool:
+        """True after the step that passes a snapshot: every snapshot_kimg thousand images, else snapshot_epochs."""
+        if self.snapshot_kimg is None:
+            return self.crosses(step, self.snapshot_epochs)
+        per = self.snapshot_kimg * 1000
+        return (step * self.batch) // per > ((step - 1) * self.batch) // per or step == self.total_steps
 
     @property
     def total_steps(self) -> int:
@@ -64,8 +72,11 @@ class Schedule:
         return min((step + 1) * self.batch / (self.warmup_epochs * self.num_train), 1.0)
 
 
-def ema_beta(ema_rate: float, batch: int, ramp: float) -> float:
-    """EMA decay for one step of ``batch`` images: ema_rate per 512 images, its half-life ramped in warm-up."""
+def ema_beta(ema_rate: float, batch: int, ramp: float, rule: str = "batch_scaled") -> float:
+    """EMA decay for one step of ``batch`` images, its half-life ramped in warm-up: ema_rate per 512 images
+    (batch_scaled), or per optimizer step whatever the batch (per_step: the rule at the reference batch)."""
+    if rule == "per_step":
+        batch = EMA_REF_BATCH
     if ema_rate == 0:
         return 0.0
     halflife_nimg = EMA_REF_BATCH * math.log(0.5) / math.log(ema_rate)
@@ -113,7 +124,8 @@ def track_memorization(cfg: EDMConfig, paths: RunPaths, ema, subset: Subset, dev
 
     seeds = list(range(cfg.track.seed, cfg.track.seed + cfg.track.num_images))
     images = generate_images(ema, seeds, resolution=subset.images.shape[1], label_dim=subset.label_dim,
-                             device=device, batch=cfg.track.batch, steps=cfg.track.steps)
+                             device=device, batch=cfg.track.batch, steps=cfg.track.steps,
+                             sigma_min=cfg.track.sigma_min)
     # The audit's report (per-sample flags and neighbours, replica grid) is kept per snapshot: a study
     # bootstraps the flags of the snapshot it reports.
     report = audit(ArraySource("D", np.asarray(subset.images)), images, backend=cfg.track.backend,
@@ -171,7 +183,7 @@ def train(cfg: EDMConfig, *, progress: bool = True) -> dict:
     device = acc.device
     res, label_dim = subset.images.shape[1], subset.label_dim
     sched = Schedule(len(subset), cfg.train.batch_size, cfg.train.epochs, cfg.train.warmup_epochs,
-                     cfg.train.snapshot_epochs, cfg.train.checkpoint_epochs)
+                     cfg.train.snapshot_epochs, cfg.train.checkpoint_epochs, cfg.train.snapshot_kimg)
     world, rank = acc.num_processes, acc.process_index
     per_rank = check_world(cfg.train.batch_size, world)
     batch_gpu = min(cfg.train.batch_gpu or per_rank, per_rank)
@@ -212,7 +224,7 @@ def train(cfg: EDMConfig, *, progress: bool = True) -> dict:
         ramp = sched.ramp(step)
         for g in optimizer.param_groups:
             g["lr"] = cfg.train.lr * ramp
-        beta = ema_beta(cfg.train.ema_rate, cfg.train.batch_size, ramp)
+        beta = ema_beta(cfg.train.ema_rate, cfg.train.batch_size, ramp, cfg.train.ema_rule)
 
         # Accumulate gradients over this rank's share of the global batch (EDM: sum over pixels / images).
         idx = rank_share(batch_indices(step, cfg.train.batch_size, len(subset), cfg.seed), rank, world)
@@ -251,7 +263,7 @@ def train(cfg: EDMConfig, *, progress: bool = True) -> dict:
 
         # Snapshot the EMA (and audit its samples), then the full resumable state.
         epoch = int(sched.epoch(step))
-        if sched.crosses(step, cfg.train.snapshot_epochs) and acc.is_main_process:
+        if sched.snapshot_due(step) and acc.is_main_process:
             save_snapshot(paths.snapshot(epoch), ema, cfg, epoch=epoch, step=step, nimg=nimg,
                           img_resolution=res, label_dim=label_dim)
             if cfg.track.num_images:
@@ -263,7 +275,7 @@ def train(cfg: EDMConfig, *, progress: bool = True) -> dict:
                                f"KNN distance {row['knn_distance']:.3f}")
         if sched.crosses(step, cfg.train.checkpoint_epochs) and acc.is_main_process:
             _save_checkpoint(cfg, paths, net, ema, optimizer, step, nimg)
-        if world > 1 and (sched.crosses(step, cfg.train.snapshot_epochs)
+        if world > 1 and (sched.snapshot_due(step)
                           or sched.crosses(step, cfg.train.checkpoint_epochs)):
             acc.wait_for_everyone()
     bar.close()

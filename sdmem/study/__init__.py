@@ -1,0 +1,1 @@
+"""Studies over many trained models: parameter sweeps and effective model memorization (EMM)."""
