@@ -280,7 +280,10 @@ def _run_sweep(args) -> int:
         print(f"{len(rows)} points; nothing was written")
         return 0
     rows = run_sweep(spec, only=args.only, shard=shard, progress=not args.quiet, device=args.device)
-    print(f"{len(rows)} finished points in {spec.out_dir / 'results.csv'}")
+    from .study.sweep import launched
+
+    if launched()[0] == 0:  # one summary line per sweep, not per process
+        print(f"{len(rows)} finished points in {spec.out_dir / 'results.csv'}")
     return 0
 
 

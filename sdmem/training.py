@@ -102,3 +102,8 @@ def finish_accelerator(acc) -> None:
             tracker.finish()
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+        # accelerate keeps its process state in singletons: reset them, so that a next run in this process (a
+        # sweep's next point) sets the process group up again instead of using the destroyed one.
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(reset_partial_state=True)

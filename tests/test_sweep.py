@@ -162,3 +162,16 @@ def test_two_concurrent_workers_never_run_a_point_twice(tmp_path, shards):
     assert sorted(ran) == sorted(p.name for p in points(load_spec(path)))  # each point exactly once
     with open(tmp_path / "sweep" / "results.csv") as f:
         assert len(list(csv.DictReader(f))) == 4  # the last worker to finish collects every point
+
+
+def test_a_sweep_under_accelerate_launch_trains_each_point_with_two_processes(tmp_path):
+    path = write_spec(tmp_path, axes={"data.size": [16, 32]}, zip=[])
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no", "--multi_gpu", "--num_processes", "2", "--main_process_port",
+           str(29700 + os.getpid() % 200), "-m", "sdmem", "sweep", str(path), "--quiet"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("finished points in") == 1 and proc.stdout.count(": running") == 2, proc.stdout
+    with open(tmp_path / "sweep" / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["size"] for r in rows] == ["16", "32"] and not list((tmp_path / "sweep").rglob("claim.json"))

@@ -317,16 +317,20 @@ def check_point(spec: Spec, p: Point) -> None:
                                     f"{json.dumps(new[key])}: restore it or use another out_dir")
 
 
-def run_point(spec: Spec, p: Point, *, progress: bool = True, device: str = "auto") -> dict:
-    """Train, generate and audit one point (resuming whatever is there); returns its row."""
+def run_point(spec: Spec, p: Point, *, progress: bool = True, device: str = "auto", main: bool = True) -> dict | None:
+    """Train, generate and audit one point (resuming whatever is there); returns its row (None off rank 0)."""
     t0 = time.perf_counter()
-    atomic_write_text(p.dir / "point.json", json.dumps(_point_record(spec, p), indent=1) + "\n")
+    if main:
+        p.dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(p.dir / "point.json", json.dumps(_point_record(spec, p), indent=1) + "\n")
     kind = p.config.kind
     if kind == "edm":
         from ..edm.train import train
     else:
         from ..sd.train import train
     train(p.config, progress=progress)
+    if not main:
+        return None
     row = _report_edm(spec, p, progress, device) if kind == "edm" else _report_sd(spec, p, progress, device)
     row["wall_time_s"] = round(time.perf_counter() - t0, 1)
     atomic_write_text(p.dir / "result.json", json.dumps(row, indent=1) + "\n")
@@ -446,9 +450,31 @@ def markdown_table(rows: list[dict], columns: Sequence[str]) -> str:
     return head + "".join("| " + " | ".join(_fmt(c, r.get(c)) for c in columns) + " |\n" for r in rows)
 
 
+def launched() -> tuple[int, int]:
+    """(rank, world size) when started by a launcher (accelerate launch, torchrun), else (0, 1)."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+class _NoClaim:
+    """Under a launcher the processes train each point together: no claims (use --shard across launches)."""
+
+    def acquire(self) -> bool:
+        return True
+
+    def release(self) -> None:
+        pass
+
+
 def run_sweep(spec: Spec, *, only: Sequence[str] = (), shard: tuple[int, int] | None = None, progress: bool = True,
               device: str = "auto", log=print) -> list[dict]:
-    """Run every selected point not yet finished (claiming each), then collect the table; returns the rows."""
+    """Run every selected point not yet finished (claiming each), then collect the table; returns the rows.
+
+    Under ``accelerate launch`` / ``torchrun`` every process walks the same points and trains each one together;
+    rank 0 alone writes the point records, generates, audits and collects (the next point's training start is the
+    other ranks' barrier)."""
+    rank, world = launched()
+    main = rank == 0
+    log = log if main else (lambda *_: None)
     every = points(spec)
     mine = select(every, only, shard)
     for p in mine:
@@ -457,19 +483,22 @@ def run_sweep(spec: Spec, *, only: Sequence[str] = (), shard: tuple[int, int] | 
         if (p.dir / "result.json").exists():
             log(f"[{k}/{len(mine)}] {p.name}: finished")
             continue
-        claim = Claim(p.dir)
+        claim = Claim(p.dir) if world == 1 else _NoClaim()
         if not claim.acquire():
             log(f"[{k}/{len(mine)}] {p.name}: claimed by another worker, skipped")
             continue
         try:
-            if (p.dir / "result.json").exists():  # finished by another worker meanwhile
+            if world == 1 and (p.dir / "result.json").exists():  # finished by another worker meanwhile
                 continue
             log(f"[{k}/{len(mine)}] {p.name}: running")
-            row = run_point(spec, p, progress=progress, device=device)
-            log(f"[{k}/{len(mine)}] {p.name}: memorization ratio {100 * row['memorization_ratio']:.2f}%, KNN distance "
-                f"{row['knn_distance']:.3f} ({row['wall_time_s']} s)")
+            row = run_point(spec, p, progress=progress and main, device=device, main=main)
+            if row is not None:
+                log(f"[{k}/{len(mine)}] {p.name}: memorization ratio {100 * row['memorization_ratio']:.2f}%, KNN "
+                    f"distance {row['knn_distance']:.3f} ({row['wall_time_s']} s)")
         finally:
             claim.release()
+    if not main:
+        return []
     rows = collect(spec, every)
     write_results(spec, rows)
     return rows
