@@ -1,14 +1,20 @@
-"""`sdmem demo`: the main job on data that ships with scikit-learn (no downloads).
+"""`sdmem demo`: the main job as a real study, on data that ships with scikit-learn (no downloads).
 
-A subset D of the real 8×8 digits is the training set. Two generated sets are audited against it with the
-paper's rule: samples of the theoretical optimum (Eq. 2: it can only reproduce D, Fig. 1a) and real
-held-out digits (novel images by construction). The contrast is the point of the tool.
+EDM models (a ~1M-parameter DDPM++) are trained on subsets D of the real 8×8 digits of three sizes, the same
+number of optimizer steps each, memorization tracked during training; each is audited with the paper's rule and
+the highest ratio reported, as the paper does. The effective model memorization (EMM, Definition 2.1) of this
+configuration comes out of the ratio-against-|D| curve. Two reference rows frame it: samples of the theoretical
+optimum of the largest D (Eq. 2: it can only reproduce D, every sample a replica) and real held-out digits
+(novel by construction). The training runs through `sdmem sweep`, so re-running the demo resumes it.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -16,74 +22,129 @@ import numpy as np
 from .audit.api import audit
 from .data import ArraySource
 from .data.builtin import digits_source
+from .data.subset import load_subset
 from .edm.optimum import sample_optimum
-from .errors import InputError
-from .utils import resolve_device, staged_folder
+from .study.emm import estimate_emm, format_table as emm_table, write_emm
+from .study.sweep import parse_spec, points, run_sweep
+from .utils import atomic_write_text, resolve_device, staged_folder
+
+# The same optimizer steps for every |D|: epochs = steps · batch / |D|. Measured on 2 CPU cores (see README).
+SETTINGS = {"full": {"sizes": (20, 100, 500), "steps": 1500, "num": 500},
+            "quick": {"sizes": (10, 50, 250), "steps": 300, "num": 200}}
+BATCH = 32
+NETWORK = {"arch": "ddpmpp", "precond": "edm", "channels": 16, "channel_mult": [1, 2], "num_blocks": 2,
+           "attn_resolutions": [4], "dropout": 0.0}  # ~0.27M parameters: |D| = 20 memorizes within 1000 steps
 
 
-def run_demo(out: str | os.PathLike = "demo_out", *, train_size: int = 500, num: int = 500, seed: int = 0,
-             device: str = "auto", progress: bool = True) -> dict:
-    """Run the demo into ``out``; returns the comparison written to ``out/summary.json``."""
-    digits = digits_source()
-    if train_size + num > len(digits):
-        raise InputError("--train-size/--num", f"train size + held-out count must be ≤ {len(digits)} digits, "
-                                               f"got {train_size} + {num}")
+def demo_spec(out: Path, *, quick: bool = False, seed: int = 0, settings: dict | None = None):
+    """The demo's sweep: one point per |D|, the same network and number of optimizer steps."""
+    s = settings or SETTINGS["quick" if quick else "full"]
+    snap_kimg = s["steps"] * BATCH / 3 / 1000  # three snapshots (tracked) per run
+    raw = {"out_dir": str(out / "points"),
+           "base": {"kind": "edm", "seed": seed, "data": {"source": "builtin:digits", "size": s["sizes"][0],
+                                                          "labels": "none", "seed": seed},
+                    "model": NETWORK,
+                    "train": {"epochs": 1, "batch_size": BATCH, "lr": 2e-3, "warmup_epochs": 0, "ema_rate": 0.5,
+                              "snapshot_kimg": max(1, round(snap_kimg)), "checkpoint_epochs": 10**6,
+                              "log_every_steps": 100},
+                    "track": {"batch": 500}},
+           "zip": [{"data.size": list(s["sizes"]),
+                    "train.epochs": [-(-s["steps"] * BATCH // n) for n in s["sizes"]]}],
+           "generate": {"num": s["num"]}, "report": "best"}
+    return parse_spec(raw, Path("sdmem demo"))
+
+
+def run_demo(out: str | os.PathLike = "demo_out", *, quick: bool = False, seed: int = 0, device: str = "auto",
+             progress: bool = True, settings: dict | None = None) -> dict:
+    """Run (or resume) the demo into ``out``; returns the summary written to ``out/summary.json``.
+    ``settings`` ({"sizes", "steps", "num"}) replaces the full or quick setting (tests use a tiny one)."""
     out = Path(out)
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(len(digits))
-    train_idx, held_idx = np.sort(order[:train_size]), np.sort(order[train_size:train_size + num])
-    images = digits.load()
-    train = ArraySource("digits-train", images[train_idx], labels=digits.labels[train_idx],
-                        files=[f"digit{i:04d}" for i in train_idx], class_names=digits.class_names)
-    held = ArraySource("digits-heldout", images[held_idx], labels=digits.labels[held_idx],
-                       files=[f"digit{i:04d}" for i in held_idx])
+    if out.exists() and not out.is_dir():
+        from .errors import InputError
+        raise InputError(out, "exists and is not a folder")
     dev = resolve_device(device)
+    spec = demo_spec(out, quick=quick, seed=seed, settings=settings)
+    say = print if progress else (lambda *_: None)
 
-    # Everything is built in a staging folder inside `out` and moved into place at the end: a failure leaves
-    # `out` as it was. The training subset goes into the folder so any audit can be re-run from the command line.
+    # Train, track and audit one model per |D| (a sweep: resumable, each point's best snapshot reported).
+    say(f"training {len(spec.zips[0]['data.size'])} EDM models on real digits (|D| = "
+        f"{', '.join(map(str, spec.zips[0]['data.size']))}); re-run to resume")
+    rows = run_sweep(spec, progress=progress, device=dev, log=say)
+    pts = {p.name: p for p in points(spec)}
+    models = [{"model": "edm", "size": r["size"], "labels": "none", "num_params": r["num_params"],
+               "epoch": r["epoch"], "images_seen": r["images_seen"], **_ratio(r), "point": r["point"]}
+              for r in sorted(rows, key=lambda r: r["size"])]
+
+    # Everything below is written into a staging folder and moved into `out` at the end.
     with staged_folder(out) as stage:
-        for name, src in (("train.npz", train), ("heldout.npz", held)):
-            with open(stage / name, "wb") as f:
-                np.savez(f, images=src.load(), labels=src.labels)
+        largest = pts[models[-1]["point"]]
+        d = load_subset(largest.run_dir)
+        train = ArraySource(f"D (|D| = {len(d)})", np.asarray(d.images))
+        num = spec.generate["num"]
+        # Reference rows: the optimum of the largest D, and real digits in none of the training sets.
+        sample_optimum(train, num, stage / "optimum_samples", seed=0, device=dev, progress=progress)
+        digits = digits_source()
+        used = set(np.concatenate([np.asarray(load_subset(p.run_dir).indices) for p in pts.values()]).tolist())
+        held = np.array([i for i in range(len(digits)) if i not in used][:num])
+        refs = []
+        for name, generated in (("optimum (Eq. 2)", stage / "optimum_samples"),
+                                ("held-out real digits", digits.load()[held])):
+            tag = "optimum" if name.startswith("optimum") else "heldout"
+            report = audit(train, generated, out=stage / f"audit_{tag}", device=dev, progress=progress)
+            s = report.summary()
+            refs.append({"model": name, "size": len(d), "labels": "none", **_ratio(s)})
+        # The study's table, EMM, the ratio-against-|D| plot and each model's replica grid.
+        table = models + refs
+        _write_csv(stage / "results.csv", table)
+        emm = estimate_emm([{**m, "memorization_ratio_low": m["memorization_ratio_low"]} for m in models],
+                           zeta=0.1, by=[], base=spec.out_dir)
+        write_emm(stage, emm, models, zeta=0.1)
+        (stage / "replicas").mkdir()
+        for m in models:
+            grid = pts[m["point"]].dir / "audit" / "replicas.png"
+            if grid.exists():
+                shutil.copyfile(grid, stage / "replicas" / f"size-{m['size']}.png")
+        summary = {"train": "scikit-learn digits (8x8), no labels", "quick": quick, "seed": seed,
+                   "models": models, "references": refs, "emm": emm}
+        atomic_write_text(stage / "summary.json", json.dumps(summary, indent=2, default=_json) + "\n")
+    print(format_table(table))
+    print(emm_table(emm))
+    print(f"results: {out}/results.csv, emm.png (ratio against |D|), replicas/, summary.json; runs in {out}/points")
+    return summary
 
-        # Sample the optimum (Heun, 18 steps, seeds 0..num-1), then audit both sets against D.
-        sample_optimum(train, num, stage / "optimum_samples", steps=18, seed=0, device=dev, progress=progress)
-        results = {}
-        for name, generated in (("optimum", stage / "optimum_samples"), ("heldout", held)):
-            report = audit(train, generated, out=stage / f"audit_{name}", device=dev, progress=progress)
-            results[name] = report.summary()
-        # The reports name the staging folder: point them at where it all ends up.
-        for name in results:
-            path = stage / f"audit_{name}" / "summary.json"
-            path.write_text(path.read_text().replace(str(stage), str(out)))
-            results[name] = json.loads(path.read_text())
-        comparison = {
-            "train": {"source": "scikit-learn digits (8x8, 10 classes)", "size": train_size, "seed": seed},
-            "optimum": results["optimum"],
-            "heldout": results["heldout"],
-        }
-        (stage / "summary.json").write_text(json.dumps(comparison, indent=2) + "\n")
-    print(format_table(comparison))
-    print(f"reports: {out}/audit_optimum, {out}/audit_heldout (summary.json, per_sample.csv, replicas.png, "
-          "ratio_hist.png)")
-    return comparison
+
+def _ratio(s: dict) -> dict:
+    lo, hi = s.get("memorization_ratio_ci95") or (s["memorization_ratio_low"], s["memorization_ratio_high"])
+    return {"memorization_ratio": s["memorization_ratio"], "memorization_ratio_low": lo,
+            "memorization_ratio_high": hi, "knn_distance": s["knn_distance"]}
 
 
-def format_table(comparison: dict) -> str:
-    """A small terminal table contrasting the two audits."""
-    rows = [("generated set", "memorization ratio", "95% CI", "KNN distance"),
-            ("optimum samples (Eq. 2)",) + _cells(comparison["optimum"]),
-            ("real held-out digits",) + _cells(comparison["heldout"])]
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    lines = [f"training set: {comparison['train']['size']} real digits (scikit-learn), replica iff d1/d2 < 1/3"]
-    for k, r in enumerate(rows):
-        lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+def _json(value):
+    return value.item() if hasattr(value, "item") else str(value)
+
+
+COLUMNS = ("model", "size", "labels", "num_params", "epoch", "images_seen", "memorization_ratio",
+           "memorization_ratio_low", "memorization_ratio_high", "knn_distance", "point")
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n", extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+    path.write_text(buf.getvalue())
+
+
+def format_table(rows: list[dict]) -> str:
+    """A terminal table: one line per trained model, then the two references."""
+    head = ("model", "|D|", "memorization ratio", "95% CI", "KNN distance")
+    lines = [head] + [(r["model"], str(r["size"]), f"{100 * r['memorization_ratio']:.1f}%",
+                       f"{100 * r['memorization_ratio_low']:.1f}-{100 * r['memorization_ratio_high']:.1f}%",
+                       f"{r['knn_distance']:.2f}") for r in rows]
+    widths = [max(len(x[i]) for x in lines) for i in range(len(head))]
+    text = ["replica iff d1/d2 < 1/3 (the paper's rule), real 8x8 digits from scikit-learn"]
+    for k, line in enumerate(lines):
+        text.append("  ".join(c.ljust(w) for c, w in zip(line, widths)))
         if k == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
-def _cells(s: dict) -> tuple[str, str, str]:
-    lo, hi = s["memorization_ratio_ci95"]
-    return (f"{100 * s['memorization_ratio']:.1f}% ({s['num_replicas']}/{s['num_generated']})",
-            f"{100 * lo:.1f}-{100 * hi:.1f}%", f"{s['knn_distance']:.2f}")
+            text.append("  ".join("-" * w for w in widths))
+    return "\n".join(text)

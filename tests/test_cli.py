@@ -68,15 +68,6 @@ def test_optimum_then_audit(tmp_path):
     assert json.loads((tmp_path / "a" / "summary.json").read_text())["memorization_ratio"] >= 0.99
 
 
-def test_demo_small(tmp_path):
-    proc = run("demo", "--out", tmp_path / "demo", "--train-size", 100, "--num", 40)
-    assert proc.returncode == 0, proc.stderr
-    s = json.loads((tmp_path / "demo" / "summary.json").read_text())
-    assert s["optimum"]["memorization_ratio"] >= 0.99
-    assert s["heldout"]["memorization_ratio"] <= 0.2
-    assert "optimum samples" in proc.stdout and "held-out" in proc.stdout
-
-
 def _malicious_cifar(tmp_path):
     class Evil:
         def __reduce__(self):

@@ -91,20 +91,19 @@ def test_out_of_memory_is_one_line(cli, tiny_edm_run, tmp_path, monkeypatch):
     gen(cli, tiny_edm_run, tmp_path / "g").one_line_error("out of memory")
 
 
-def test_a_failing_demo_leaves_nothing(cli, tmp_path, monkeypatch):
+def test_a_failing_demo_leaves_no_report_and_resumes(tmp_path, monkeypatch, one_thread):
     import sdmem.demo
+    from sdmem.errors import InputError
+
+    tiny = {"sizes": (10, 20, 30), "steps": 12, "num": 16}
 
     def fail(*a, **k):
-        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "demo" / "x"))
-    monkeypatch.setattr(sdmem.demo, "audit", fail)
-    cli("demo", "--out", tmp_path / "demo", "--train-size", 40, "--num", 8, "--quiet").one_line_error("disk is full")
-    assert not (tmp_path / "demo").exists()
-
-
-def test_a_finished_demo_moves_into_place(cli, tmp_path):
-    r = cli("demo", "--out", tmp_path / "demo", "--train-size", 40, "--num", 8, "--quiet")
-    assert r.code == 0, r.err
-    names = sorted(p.name for p in (tmp_path / "demo").iterdir())
-    assert names == ["audit_heldout", "audit_optimum", "heldout.npz", "optimum_samples", "summary.json", "train.npz"]
-    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
-    assert summary["optimum"]["memorization_ratio"] == 1.0
+        raise InputError(tmp_path / "demo", "simulated failure after training")
+    monkeypatch.setattr(sdmem.demo, "sample_optimum", fail)
+    with pytest.raises(InputError, match="simulated"):
+        sdmem.demo.run_demo(tmp_path / "demo", settings=tiny, progress=False)
+    # The trained points stay (resumable); no report file was written.
+    assert sorted(p.name for p in (tmp_path / "demo").iterdir()) == ["points"]
+    monkeypatch.undo()
+    sdmem.demo.run_demo(tmp_path / "demo", settings=tiny, progress=False)
+    assert (tmp_path / "demo" / "results.csv").exists()

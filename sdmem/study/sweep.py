@@ -70,7 +70,11 @@ def _err(spec: Path, key: str, problem: str) -> InputError:
 def load_spec(path: str | os.PathLike) -> Spec:
     """Read and check a sweep spec; every problem is an InputError naming the spec file and the key."""
     path = Path(path)
-    raw = read_yaml_mapping(path)
+    return parse_spec(read_yaml_mapping(path), path)
+
+
+def parse_spec(raw: dict, path: Path) -> Spec:
+    """Check a spec mapping (``path`` names it in errors; a base path is relative to its folder)."""
     unknown = [k for k in raw if k not in SPEC_KEYS]
     if unknown:
         raise _err(path, str(unknown[0]), f"unknown key; expected one of {', '.join(SPEC_KEYS)}")
