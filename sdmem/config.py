@@ -137,7 +137,8 @@ def config_from_dict(cls: type, data: Mapping, where: str = ""):
     for key, value in data.items():
         dotted = f"{path}.{key}" if path else str(key)
         need(isinstance(key, str), at(dotted), f"keys must be strings, got {_show(key)}")
-        need(key in known, at(dotted), _unknown(str(key), list(known)))
+        if key not in known:  # (the did-you-mean message only when needed: it is the slow part of loading)
+            raise InputError(at(dotted), _unknown(str(key), list(known)))
         kwargs[key] = config_from_dict(hints[key], value, where) if dataclasses.is_dataclass(hints[key]) else value
     for name, f in known.items():
         need(name in kwargs or f.default is not _MISSING or f.default_factory is not _MISSING,
@@ -165,7 +166,8 @@ def _override_dict(cls: type, data: Mapping, overrides: Sequence[str]) -> dict:
         target, sub, parts = data, cls, dotted.split(".")
         for depth, part in enumerate(parts):
             fields = {f.name: f for f in dataclasses.fields(sub)}
-            need(part in fields, f"--set {dotted}", _unknown(part, list(fields)) if part else "empty key segment")
+            if part not in fields:
+                raise InputError(f"--set {dotted}", _unknown(part, list(fields)) if part else "empty key segment")
             tp, last = typing.get_type_hints(sub)[part], depth == len(parts) - 1
             need(dataclasses.is_dataclass(tp) != last, f"--set {dotted}", f"{'.'.join(parts[:depth + 1])} is "
                   + ("a section: set its keys one by one" if last else "not a section"))

@@ -43,6 +43,8 @@ COUNTS = {
     "table4_labels.yaml": 15,  # 5 sizes x none/true/unique
 }
 VE_SPECS = {"fig4cd_skip_ncsnpp.yaml"}
+TABLE2_WD = (0.0, 1e-5, 1e-4, 1e-3, 1e-2, 5e-2, 1e-1)  # Table 2 (left)
+TABLE2_EMA = (0.99929, 0.999, 0.99, 0.9, 0.5, 0.1, 0.0)  # Table 2 (right)
 
 
 @functools.lru_cache(maxsize=None)
@@ -121,6 +123,9 @@ def test_fig11a_ffhq_resolutions_move_attention():
     name = "fig11a_ffhq_dimension.yaml"
     assert grid(name, "data.resolution", "model.attn_resolutions") == {(64, (16,)), (32, (8,)), (16, (4,))}
     assert {s for (s,) in grid(name, "data.size")} == {500, 1000, 2000, 4000, 8000, 12000}
+    # App. D.2, Fig. 11(b): positional vs Fourier in DDPM++ on FFHQ.
+    assert grid("fig11b_ffhq_time_embedding.yaml", "model.embedding", "model.arch", "data.size") == \
+        {(e, "ddpmpp", s) for e in ("positional", "fourier") for s in (500, 1000, 2000)}
 
 
 @pytest.mark.parametrize("name", [n for n in SPECS if n.startswith("fig11")])
@@ -207,10 +212,6 @@ def test_fig8_skip_counts_and_deletions():
 
 # Sec. 5, Tables 1 and 2.
 
-TABLE2_WD = (0.0, 1e-5, 1e-4, 1e-3, 1e-2, 5e-2, 1e-1)
-TABLE2_EMA = (0.99929, 0.999, 0.99, 0.9, 0.5, 0.1, 0.0)
-
-
 def test_table1_scales_lr_linearly_with_batch():
     pairs = grid("table1_batch_size.yaml", "train.batch_size", "train.lr")
     assert {b for b, _ in pairs} == {128, 256, 384, 512, 640, 768, 896}
@@ -239,7 +240,8 @@ def test_label_modes_and_random_classes():
     assert grid("fig11c_ffhq_random_classes.yaml", "data.labels", "data.size") == {("random", 2000)}
     assert {c for (c,) in grid("fig11c_ffhq_random_classes.yaml", "data.random_label_classes")} == \
         {1, 10, 50, 100, 200, 400, 2000}
-    assert grid("fig11d_ffhq_unique.yaml", "data.labels") == {("none",), ("unique",)}
+    assert grid("fig11d_ffhq_unique.yaml", "data.labels", "data.size") == \
+        {(mode, s) for mode in ("none", "unique") for s in (500, 1000, 2000, 3000, 4000, 5000)}
 
 
 # Tables 1, 2 and 4 report the same 92.09% / 60.93% basic-setup run: the specs hold everything else fixed.
@@ -255,8 +257,11 @@ def test_the_basic_setup_point_is_the_same_config_in_every_spec(size):
             point("fig3a_width.yaml", data__size=size, model__channels=128),
             point("fig3b_depth.yaml", data__size=size, model__num_blocks=2),
             point("fig3c_time_embedding.yaml", data__size=size, model__embedding="positional", model__num_blocks=2)]
-    same += [point("fig4ab_skip_ddpmpp.yaml", model__skip_mask=None), point("fig8a_skip_count.yaml", model__skip_mask=None)] \
-        if size == 1000 else [point("fig7_width_depth_2k.yaml", model__channels=128, model__num_blocks=2)]
+    if size == 1000:  # Sec. 4.3's full-skip reference
+        same += [point("fig4ab_skip_ddpmpp.yaml", model__skip_mask=None),
+                 point("fig8a_skip_count.yaml", model__skip_mask=None)]
+    else:  # App. C.1's width 128, 2 blocks at |D| = 2k
+        same += [point("fig7_width_depth_2k.yaml", model__channels=128, model__num_blocks=2)]
     assert len({fingerprint(p.config) for p in same}) == 1
     cfg = same[0].config  # Appendix B
     assert (cfg.model.arch, cfg.model.precond, cfg.model.channels, cfg.model.num_blocks, cfg.train.batch_size,
