@@ -104,7 +104,7 @@ def _add_demo(sub) -> None:
                        description="Trains EDM models on subsets of scikit-learn's real digits of three sizes (the same "
                                    "steps each), audits each with the paper's rule, reports the ratio against |D| and "
                                    "the EMM, beside the theoretical optimum and real held-out digits. No downloads; "
-                                   "about 7 minutes on 2 CPU cores (--quick: about a minute). Re-running resumes.")
+                                   "about 7 minutes on 2 CPU cores (--quick: about 1.5 minutes). Re-running resumes.")
     p.add_argument("--out", default="demo_out", metavar="DIR")
     p.add_argument("--quick", action="store_true", help="smaller sizes and fewer steps: a first look in about a minute")
     p.add_argument("--seed", type=_nonneg_int("--seed"), default=0)
