@@ -19,6 +19,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..utils import atomic_write, atomic_write_text
+from .emm import finite_number as _num
 
 METRICS = ("memorization_ratio", "memorization_ratio_low", "memorization_ratio_high", "knn_distance")
 TABLE3_ROWS, TABLE3_COLS = ("model.method", "model.rank"), ("data.prompt", "size")
@@ -38,14 +39,6 @@ class Result:
     low: float | None
     high: float | None
     knn: float | None
-
-
-def _num(value) -> float | None:
-    try:
-        x = float(value)
-    except (TypeError, ValueError):
-        return None
-    return x if math.isfinite(x) else None
 
 
 def _cell(value) -> str:

@@ -10,27 +10,18 @@ from __future__ import annotations
 
 import csv
 import io
-import math
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import InputError
 from ..utils import atomic_write, atomic_write_text
+from .emm import finite_number as _num, read_flags  # noqa: F401 (read_flags: part of this module's API)
 
 CURVE_COLUMNS = ["run", "epoch", "step", "images_seen", "memorization_ratio", "memorization_ratio_low",
                  "memorization_ratio_high", "knn_distance", "best"]
 ENOUGH_COLUMNS = ["num_generated", "reps", "memorization_ratio_mean", "memorization_ratio_low",
                   "memorization_ratio_high", "memorization_ratio_std", "full_ratio"]
-_TRUE, _FALSE = {"1", "true", "yes"}, {"0", "false", "no"}
-
-
-def _num(value) -> float | None:
-    try:
-        x = float(value)
-    except (TypeError, ValueError):
-        return None
-    return x if math.isfinite(x) else None
 
 
 def _fmt(value) -> str:
@@ -162,22 +153,6 @@ def audit_folder(path) -> Path:
             return folder
     raise InputError(path, "holds no per_sample.csv (nor audit/per_sample.csv); expected an audit folder "
                            "(`sdmem audit --out DIR`) or a sweep point folder")
-
-
-def read_flags(path) -> np.ndarray:
-    """The ``replica`` column of a per_sample.csv as booleans (0/1 or true/false)."""
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
-            if "replica" not in (reader.fieldnames or []):
-                raise InputError(path, "no 'replica' column")
-            vals = [str(r["replica"] or "").strip().lower() for r in reader]
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise InputError(path, f"cannot read the per-sample flags ({getattr(exc, 'strerror', None) or exc})") from None
-    bad = [v for v in vals if v not in _TRUE | _FALSE][:1]
-    if bad or not vals:
-        raise InputError(path, f"replica must be 0/1 or true/false, got {bad[0]!r}" if bad else "no rows")
-    return np.array([v in _TRUE for v in vals])
 
 
 def default_sizes(n: int) -> list[int]:

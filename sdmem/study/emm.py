@@ -63,6 +63,15 @@ def default_by(rows) -> list[str]:
     return out
 
 
+def finite_number(value) -> float | None:
+    """float(value) when it is a finite number, else None (blank cells, text, nan)."""
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        return None
+    return x if math.isfinite(x) else None
+
+
 def _num(value, where: str, lo: float, hi: float = math.inf) -> float | None:
     if value is None or str(value).strip() == "":
         return None
@@ -72,7 +81,8 @@ def _num(value, where: str, lo: float, hi: float = math.inf) -> float | None:
     return x
 
 
-def _read_flags(path: Path) -> np.ndarray:
+def read_flags(path: Path) -> np.ndarray:
+    """The ``replica`` column of a per_sample.csv as booleans (0/1 or true/false)."""
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
@@ -148,7 +158,7 @@ def _curve(group, label, t, rng, n_boot, base) -> dict:
     emm = float(_crossing(a["size"], b["size"], a["ratio"], b["ratio"], t, math.nan))
     nearer = a["size"] if emm - a["size"] <= b["size"] - emm else b["size"]
     if a["flags"] and b["flags"]:
-        fa, fb = (np.concatenate([_read_flags(f) for f in p["flags"]]) for p in (a, b))
+        fa, fb = (np.concatenate([read_flags(f) for f in p["flags"]]) for p in (a, b))
         boot = [rng.binomial(len(f), f.mean(), n_boot) / len(f) for f in (fa, fb)]
         lo, hi = np.percentile(_crossing(a["size"], b["size"], *boot, t, nearer), [2.5, 97.5])
         notes.append(f"interval: bootstrap of {len(fa)}+{len(fb)} per-sample flags ({n_boot} resamples)")
