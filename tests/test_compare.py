@@ -190,3 +190,11 @@ def test_mixed_kinds_need_axes(tmp_path):
 def test_cell_text_without_interval():
     r = Result("x", "edm", {}, 0.123, None, None, 2.0)
     assert cell_text(r) == "12.30% / 2.00" and cell_text(None) == "—"
+
+
+def test_edm_default_rows_leave_out_columns_that_move_with_the_size(tmp_path):
+    from sdmem.study.compare import Result, layout
+
+    results = [Result(f"p{n}", "edm", {"size": n, "train.epochs": 48000 // n, "data.labels": lab}, 0.5, 0.4, 0.6, 1.0)
+               for n in (20, 100) for lab in ("none", "true")]
+    assert layout(results) == (["data.labels"], ["size"])

@@ -182,7 +182,8 @@ def layout(results: list[Result], rows=None, cols=None) -> tuple[list[str], list
         d_cols = [c for c in TABLE3_COLS if c in columns]
     else:
         d_cols = ["size"] if "size" in columns else []
-        d_rows = [c for c in varying if c not in d_cols]
+        # Rows: what tells curves apart, not what moves with the size (e.g. epochs zipped with |D|).
+        d_rows = [c for c in varying if c not in d_cols and not (d_cols and _follows_size(results, c))]
     if rows is None and cols is None:
         return d_rows, d_cols
     if cols is None:
@@ -190,6 +191,14 @@ def layout(results: list[Result], rows=None, cols=None) -> tuple[list[str], list
     if rows is None:
         return [c for c in dict.fromkeys(d_rows + varying) if c not in cols], list(cols)
     return list(rows), list(cols)
+
+
+def _follows_size(results: list[Result], column: str) -> bool:
+    """True when each value of ``column`` comes with one size only (it moves with |D|, like zipped epochs)."""
+    sizes: dict[str, set] = {}
+    for r in results:
+        sizes.setdefault(str(r.values.get(column, "")), set()).add(str(r.values.get("size", "")))
+    return all(len(s) == 1 for s in sizes.values())
 
 
 def pivot(results: list[Result], rows: list[str], cols: list[str]):
