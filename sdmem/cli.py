@@ -203,12 +203,24 @@ def _seed_range(text: str) -> tuple[int, int]:
 
 
 def _add_generate(sub) -> None:
-    p = sub.add_parser("generate", help="sample a trained run (EDM: Heun sampler; SD: DDIM, guidance 7.5)",
-                       description="One PNG per seed ({seed:06d}.png); existing files are skipped, so it resumes. "
-                                   "EDM runs: the EMA snapshot, Heun sampler. SD runs: the final (EMA) weights or a "
-                                   "checkpoint step, DDIM with 50 steps, safety checker off; class prompts give "
-                                   "N/C images per class in seed order (recorded in manifest.json).")
-    p.add_argument("run", metavar="RUN", help="run folder (out_dir of sdmem train)")
+    p = sub.add_parser("generate", help="sample a trained run or any diffusers text-to-image model",
+                       description="One PNG per seed ({seed:06d}.png) through the generation core (seed grid, manifest, "
+                                   "verified resume). EDM runs: the EMA snapshot, Heun sampler. SD runs: the final (EMA) "
+                                   "weights or a checkpoint step, DDIM with 50 steps, safety checker off; class prompts "
+                                   "give N/C images per class in seed order (recorded in manifest.json). --model: any "
+                                   "diffusers pipeline folder or cached hub id, optionally with a LoRA (diffusers or "
+                                   "kohya format), with --prompt, --prompts or --class-prompts.")
+    p.add_argument("run", metavar="RUN", nargs="?", help="run folder (out_dir of sdmem train); or give --model")
+    p.add_argument("--model", metavar="DIR|HUB_ID", help="a diffusers text-to-image pipeline not trained by sdmem")
+    p.add_argument("--lora", metavar="FILE", help="with --model: a LoRA file or folder (diffusers or kohya format)")
+    p.add_argument("--revision", help="with --model: the hub revision (in the local cache)")
+    p.add_argument("--prompt", metavar="TEXT", help="with --model: the prompt of every image")
+    p.add_argument("--prompts", metavar="FILE", help="with --model: one prompt per line; seed s gets line s mod L")
+    p.add_argument("--class-prompts", metavar="FOLDER", help="with --model: class sub-folders (e.g. Imagenette); N/C "
+                   "images per class in seed order, prompt from --template")
+    p.add_argument("--template", default="a picture of a {class}", help="with --class-prompts (default: %(default)s)")
+    p.add_argument("--resolution", type=_positive_int("--resolution", 8192), metavar="R",
+                   help="with --model: image size (default: the model's)")
     p.add_argument("--num", type=_positive_int("--num", 10_000_000), metavar="N", help="images (seeds 0..N-1 unless --seeds)")
     p.add_argument("--out", required=True, metavar="DIR")
     p.add_argument("--snapshot", default="latest", help="latest or an epoch number K (EDM); latest/final or a "
@@ -232,6 +244,24 @@ def _run_generate(args) -> int:
     lo, hi = args.seeds if args.seeds else (0, args.num - 1)
     if args.seeds and args.num is not None and args.num != hi - lo + 1:
         raise InputError("--num", f"--num {args.num} disagrees with --seeds {lo}-{hi} ({hi - lo + 1} seeds)")
+    if (args.run is None) == (args.model is None):
+        raise InputError("RUN/--model", "give a run folder or --model DIR|HUB_ID (one of them)")
+    foreign = ("--lora", "--revision", "--prompt", "--prompts", "--class-prompts", "--resolution")
+    if args.model is None and any(getattr(args, o[2:].replace("-", "_")) is not None for o in foreign):
+        raise InputError(next(o for o in foreign if getattr(args, o[2:].replace("-", "_")) is not None),
+                         "only with --model (a run folder carries its own model and prompts)")
+    if args.model is not None:
+        from .generation import generate_folder
+        from .sd.foreign import foreign_plan
+
+        seeds = list(range(lo, hi + 1))
+        plan = foreign_plan(args.model, seeds, lora=args.lora, prompt=args.prompt, prompts_file=args.prompts,
+                            class_prompts=args.class_prompts, template=args.template, steps=args.steps or 50,
+                            guidance=7.5 if args.guidance is None else args.guidance, batch=args.batch or 16,
+                            resolution=args.resolution, revision=args.revision, device=args.device)
+        written = generate_folder(args.out, seeds, plan, progress=not args.quiet)
+        print(f"{hi - lo + 1} images (seeds {lo}-{hi}, {written} new) in {args.out}")
+        return 0
     from .runs import run_kind
 
     if run_kind(args.run) == "sd":
