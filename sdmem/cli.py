@@ -211,7 +211,8 @@ def _add_generate(sub) -> None:
                                    "diffusers pipeline folder or cached hub id, optionally with a LoRA (diffusers or "
                                    "kohya format), with --prompt, --prompts or --class-prompts.")
     p.add_argument("run", metavar="RUN", nargs="?", help="run folder (out_dir of sdmem train); or give --model")
-    p.add_argument("--model", metavar="DIR|HUB_ID", help="a diffusers text-to-image pipeline not trained by sdmem")
+    p.add_argument("--model", metavar="DIR|HUB_ID|PKL", help="a diffusers text-to-image pipeline not trained by sdmem, "
+                   "or a published EDM network pickle (edm-*.pkl, loaded without running any code in it)")
     p.add_argument("--lora", metavar="FILE", help="with --model: a LoRA file or folder (diffusers or kohya format)")
     p.add_argument("--revision", help="with --model: the hub revision (in the local cache)")
     p.add_argument("--prompt", metavar="TEXT", help="with --model: the prompt of every image")
@@ -250,6 +251,18 @@ def _run_generate(args) -> int:
     if args.model is None and any(getattr(args, o[2:].replace("-", "_")) is not None for o in foreign):
         raise InputError(next(o for o in foreign if getattr(args, o[2:].replace("-", "_")) is not None),
                          "only with --model (a run folder carries its own model and prompts)")
+    if args.model is not None and str(args.model).lower().endswith(".pkl"):
+        from .edm.generate import pickle_plan
+        from .generation import generate_folder
+
+        if args.guidance is not None or args.lora or args.prompt or args.prompts or args.class_prompts:
+            raise InputError(args.model, "an EDM network pickle takes no guidance, LoRA or prompts (--class picks "
+                                         "the class of a conditional network)")
+        plan = pickle_plan(args.model, class_label=args.class_label, batch=args.batch or 256, steps=args.steps or 18,
+                           device=args.device)
+        written = generate_folder(args.out, list(range(lo, hi + 1)), plan, progress=not args.quiet)
+        print(f"{hi - lo + 1} images (seeds {lo}-{hi}, {written} new) in {args.out}")
+        return 0
     if args.model is not None:
         from .generation import generate_folder
         from .sd.foreign import foreign_plan

@@ -93,6 +93,47 @@ def run_plan(run_dir: str | os.PathLike, *, snapshot: str = "latest", class_labe
     return Plan(settings, condition, load, info)
 
 
+def pickle_plan(path: str | os.PathLike, *, class_label: str | int | None = "random", batch: int = 256,
+                steps: int = 18, device: str = "auto") -> Plan:
+    """The generation plan of a published EDM network pickle (edm-*.pkl), read by the restricted loader
+    (sdmem.edm.pickles: nothing in the file is ever executed). The sampler never goes below the network's
+    trained σ range, as EDM's own generate.py clamps it."""
+    import hashlib
+
+    from .pickles import load_edm_pickle
+
+    path = Path(path)
+    dev = resolve_device(device)
+    net, info = load_edm_pickle(path, "cpu")  # checked (and cheap) before the folder is touched
+    label_dim, res = int(info["label_dim"]), int(info["img_resolution"])
+    fixed = _fixed_class(class_label, label_dim)
+    sigma_min = max(0.002, float(info.get("sigma_min") or 0.0))
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    settings = {"made_by": {"kind": "edm-pickle", "sha256": digest.hexdigest()}, "snapshot": path.name,
+                "sampler": "edm-heun", "steps": steps, "sigma_min": sigma_min, "batch": batch, "size": [res, res]}
+
+    def condition(seed: int) -> dict:
+        if not label_dim:
+            return {}
+        return {"class": fixed if fixed is not None else int(seeded_class_labels([seed], label_dim)[0])}
+
+    def load():
+        model = net.to(dev)
+
+        def render(seeds: list[int], conds: list[dict]) -> np.ndarray:
+            labels = torch.tensor([c["class"] for c in conds], dtype=torch.int64) if label_dim else None
+            return generate_images(model, seeds, resolution=res, label_dim=label_dim, device=dev, batch=len(seeds),
+                                   steps=steps, labels=labels, sigma_min=sigma_min)
+        return render
+
+    keep = ("class_name", "precond", "arch", "source_version", "source_match")
+    return Plan(settings, condition, load, {"pickle": str(path.resolve()), "device": dev,
+                                            **{k: info.get(k) for k in keep}})
+
+
 def generate_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, seeds: list[int],
                  snapshot: str = "latest", class_label: str | int | None = "random", batch: int = 256,
                  steps: int = 18, device: str = "auto", progress: bool = True) -> int:

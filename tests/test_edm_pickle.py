@@ -1,0 +1,375 @@
+"""Published EDM network pickles (sdmem.edm.pickles): restricted unpickling, source recognition, rebuilding.
+
+No real pickle can be downloaded here, and NVlabs' network source may not be copied into the tests, so the
+pickles are written the way EDM's ``torch_utils.persistence`` writes them (each persistent object as a call of
+``torch_utils.persistence._reconstruct_persistent_obj(meta)``, meta holding module_src, class_name, version 6
+and the object's __dict__ with ``_init_args`` / ``_init_kwargs``; tensors through torch's own reducers) from
+sdmem networks, with a tiny stand-in source whose hash the tests register as known.
+"""
+
+import json
+import collections
+import hashlib
+import io
+import math
+import os
+import pickle
+import subprocess
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import raises
+from sdmem.edm import pickles
+from sdmem.edm.networks import Conv2d, FourierEmbedding, GroupNorm, Linear, PositionalEmbedding, SongUNet, UNetBlock
+from sdmem.edm.pickles import load_edm_pickle, read_edm_pickle, recognise_source
+from sdmem.edm.precond import EDMPrecond, VEPrecond, VPPrecond
+from sdmem.errors import InputError
+
+# Our own stand-in for a network module's source: SongUNet's signature (EDM's defaults), nothing that runs.
+STANDIN_SRC = '''"""Stand-in network module (sdmem tests): SongUNet's constructor signature only."""
+
+
+class SongUNet:
+    def __init__(self, img_resolution, in_channels, out_channels, label_dim=0, augment_dim=0,
+                 model_channels=128, channel_mult=[1, 2, 2, 2], channel_mult_emb=4, num_blocks=4,
+                 attn_resolutions=[16], dropout=0.10, label_dropout=0, embedding_type='positional',
+                 channel_mult_noise=1, encoder_type='standard', decoder_type='standard', resample_filter=[1, 1]):
+        pass
+'''
+STANDIN_LABEL = "test stand-in for networks.py"
+
+EDM_NAMES = {VPPrecond: "VPPrecond", VEPrecond: "VEPrecond", EDMPrecond: "EDMPrecond", SongUNet: "SongUNet",
+             UNetBlock: "UNetBlock", Linear: "Linear", Conv2d: "Conv2d", GroupNorm: "GroupNorm",
+             PositionalEmbedding: "PositionalEmbedding", FourierEmbedding: "FourierEmbedding"}
+
+DDPMPP = dict(embedding_type="positional", encoder_type="standard", decoder_type="standard", channel_mult_noise=1,
+              resample_filter=[1, 1])
+NCSNPP = dict(embedding_type="fourier", encoder_type="residual", decoder_type="standard", channel_mult_noise=2,
+              resample_filter=[1, 3, 3, 1])
+TINY = dict(model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[], dropout=0.0)
+# (preconditioning, label_dim, network options as EDM's train.py passes them)
+CASES = {
+    "edm-ddpmpp-uncond": (EDMPrecond, 0, dict(DDPMPP, **TINY)),
+    "vp-ddpmpp-cond-augment": (VPPrecond, 3, dict(DDPMPP, **dict(TINY, attn_resolutions=[8]), augment_dim=9)),
+    "ve-ncsnpp-uncond": (VEPrecond, 0, dict(NCSNPP, **TINY)),
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _sha(src: str) -> str:
+    return hashlib.sha256(src.encode()).hexdigest()
+
+
+@pytest.fixture
+def standin(monkeypatch):
+    """The stand-in source counts as a published version (for this test only)."""
+    monkeypatch.setitem(pickles.KNOWN_SOURCES, _sha(STANDIN_SRC), STANDIN_LABEL)
+
+
+@pytest.fixture
+def persistence(monkeypatch):
+    """A fake ``torch_utils.persistence`` module, present while pickles are written, so that pickle spells the
+    reconstructor as EDM's pickles do. Its function must never be called by the loader."""
+    calls = []
+
+    def _reconstruct_persistent_obj(meta):  # pragma: no cover - reaching it is the failure
+        calls.append(meta)
+        raise AssertionError("the real reconstructor was called")
+
+    pkg, mod = types.ModuleType("torch_utils"), types.ModuleType("torch_utils.persistence")
+    _reconstruct_persistent_obj.__module__ = mod.__name__
+    _reconstruct_persistent_obj.__qualname__ = "_reconstruct_persistent_obj"
+    mod._reconstruct_persistent_obj = _reconstruct_persistent_obj
+    pkg.persistence = mod
+    monkeypatch.setitem(sys.modules, "torch_utils", pkg)
+    monkeypatch.setitem(sys.modules, "torch_utils.persistence", mod)
+    yield _reconstruct_persistent_obj
+    assert not calls
+
+
+class EDMStylePickler(pickle.Pickler):
+    """Pickles sdmem modules as EDM's persistent classes: (reconstructor, (meta,)) with the object's state."""
+
+    def __init__(self, file, reconstruct, src, init_kwargs, rename=None, edit=None, protocol=4):
+        super().__init__(file, protocol=protocol)
+        self.reconstruct, self.src, self.init_kwargs = reconstruct, src, init_kwargs
+        self.rename, self.edit = rename or {}, edit
+
+    def reducer_override(self, obj):
+        if type(obj) not in EDM_NAMES:
+            return NotImplemented
+        state = dict(obj.__dict__)
+        if isinstance(obj, SongUNet):  # EDM's SongUNet keeps only label_dropout besides its modules
+            state = {k: v for k, v in state.items() if k.startswith("_") or k in ("training", "label_dropout")}
+            state["_modules"] = collections.OrderedDict(
+                (k, v) for k, v in obj._modules.items() if k != "skip_gates")
+        if isinstance(obj, UNetBlock):  # EDM stores np.sqrt(0.5): a numpy scalar in the pickle
+            state["skip_scale"] = np.float64(state["skip_scale"])
+        name = self.rename.get(type(obj), EDM_NAMES[type(obj)])
+        state["_init_args"], state["_init_kwargs"] = (), self.init_kwargs.get(name, {})
+        if self.edit:
+            self.edit(name, state)
+        meta = dict(type="class", version=6, module_src=self.src, class_name=name, state=state)
+        return self.reconstruct, (meta,), None
+
+
+def tiny_denoiser(case: str, seed: int = 0):
+    """(sdmem denoiser with random weights, EDM-style init_kwargs of its precond and of its SongUNet)."""
+    precond, label_dim, options = CASES[case]
+    torch.manual_seed(seed)
+    net = precond(8, 3, label_dim, model=SongUNet(8, 3, 3, label_dim, **options))
+    with torch.no_grad():  # weights far from init, so that every tensor shows in D(x; σ)
+        for p in net.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+    kwargs = {
+        EDM_NAMES[precond]: dict(img_resolution=8, img_channels=3, label_dim=label_dim, use_fp16=False,
+                                 model_type="SongUNet", **options),
+        "SongUNet": dict(img_resolution=8, in_channels=3, out_channels=3, label_dim=label_dim, **options),
+    }
+    return net.eval(), kwargs
+
+
+def write_pickle(path, net, reconstruct, kwargs, src=STANDIN_SRC, extra=None, **pickler_kw):
+    data = dict(ema=net, loss_fn=None, augment_pipe=None, dataset_kwargs=dict(path="cifar10.zip", xflip=False))
+    data.update(extra or {})
+    with open(path, "wb") as f:
+        EDMStylePickler(f, reconstruct, src, kwargs, **pickler_kw).dump(data)
+    return path
+
+
+def denoise(net, label_dim):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 3, 8, 8, generator=g)
+    sigma = torch.tensor([0.05, 0.5, 2.0, 20.0])
+    labels = torch.tensor([0, 1, 2, 1]) if label_dim else None
+    with torch.no_grad():
+        return net(x, sigma, labels)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_round_trip_gives_the_same_denoiser(tmp_path, standin, persistence, case):
+    net, kwargs = tiny_denoiser(case)
+    path = write_pickle(tmp_path / f"{case}.pkl", net, persistence, kwargs)
+    loaded, info = load_edm_pickle(path)
+    precond, label_dim, options = CASES[case]
+    assert type(loaded) is precond and not loaded.training
+    assert not any(p.requires_grad for p in loaded.parameters())
+    expected = denoise(net, label_dim)
+    assert torch.equal(denoise(loaded, label_dim), expected)
+    x_only = denoise(precond(8, 3, label_dim, model=SongUNet(8, 3, 3, label_dim, **options)), label_dim)
+    assert not torch.allclose(expected, x_only, atol=1e-3)  # the network's weights matter to the output
+    assert info["class_name"] == EDM_NAMES[precond] and info["model_type"] == "SongUNet"
+    assert info["precond"] == {VPPrecond: "vp", VEPrecond: "ve", EDMPrecond: "edm"}[precond]
+    assert info["arch"] == ("ncsnpp" if "ncsnpp" in case else "ddpmpp")
+    assert (info["img_resolution"], info["img_channels"], info["label_dim"]) == (8, 3, label_dim)
+    assert info["source_version"] == STANDIN_LABEL and info["source_match"] == "text"
+    assert info["source_sha256"] == _sha(STANDIN_SRC)
+    assert info["network_kwargs"]["num_blocks"] == 1 and info["network_kwargs"]["channel_mult_emb"] == 4
+    assert info["pickle_keys"] == ["augment_pipe", "dataset_kwargs", "ema", "loss_fn"]
+    assert math.isclose(info["sigma_max"], float(net.sigma_max))
+
+
+def test_pickle_structure_is_edms(tmp_path, standin, persistence):
+    """What the restricted reader sees: persistent records (persistence version 6) with the state EDM pickles."""
+    net, kwargs = tiny_denoiser("edm-ddpmpp-uncond")
+    data = read_edm_pickle(write_pickle(tmp_path / "n.pkl", net, persistence, kwargs))
+    ema = data["ema"]
+    assert isinstance(ema, pickles.PersistentRecord) and ema.class_name == "EDMPrecond" and ema.version == 6
+    assert ema.module_src == STANDIN_SRC and ema.state["_init_kwargs"]["model_type"] == "SongUNet"
+    model = ema.state["_modules"]["model"]
+    assert model.class_name == "SongUNet" and isinstance(model.state["_modules"]["enc"], pickles.ModuleRecord)
+    block = model.state["_modules"]["enc"].state["_modules"]["4x4_down"]
+    assert block.class_name == "UNetBlock" and block.state["skip_scale"] == pytest.approx(math.sqrt(0.5))
+    weight = block.state["_modules"]["conv0"].state["_parameters"]["weight"]
+    assert type(weight) is torch.Tensor and torch.equal(weight, net.model.enc["4x4_down"].conv0.weight)
+    assert data["dataset_kwargs"] == dict(path="cifar10.zip", xflip=False)
+
+
+def test_module_names_follow_edms_songunet():
+    """sdmem's tensor names are those EDM's SongUNet constructor creates (read from NVlabs/edm networks.py)."""
+    net, _ = tiny_denoiser("edm-ddpmpp-uncond")
+    assert list(net.model.enc) == ["8x8_conv", "8x8_block0", "4x4_down", "4x4_block0"]
+    assert list(net.model.dec) == ["4x4_in0", "4x4_in1", "4x4_block0", "4x4_block1", "8x8_up", "8x8_block0",
+                                   "8x8_block1", "8x8_aux_norm", "8x8_aux_conv"]
+    keys = set(net.state_dict())
+    for key in ("model.map_layer0.weight", "model.map_layer1.bias", "model.enc.8x8_conv.weight",
+                "model.enc.4x4_down.skip.resample_filter", "model.enc.4x4_down.conv0.resample_filter",
+                "model.dec.4x4_in0.qkv.weight", "model.dec.4x4_in0.norm2.bias", "model.dec.8x8_aux_conv.bias",
+                "model.dec.8x8_up.skip.weight"):
+        assert key in keys, key
+    ncsn, _ = tiny_denoiser("ve-ncsnpp-uncond")
+    assert "model.map_noise.freqs" in ncsn.state_dict() and "4x4_aux_residual" in ncsn.model.enc
+
+
+def test_syntax_tree_match_ignores_comments_and_line_endings(tmp_path, persistence, monkeypatch):
+    variant = STANDIN_SRC.replace('"""\n', '"""\n# a comment NVlabs might have had\n', 1).replace("\n", "\r\n")
+    assert recognise_source(variant) is None
+    monkeypatch.setitem(pickles.KNOWN_SOURCE_TREES, pickles._syntax_fingerprint(STANDIN_SRC), STANDIN_LABEL)
+    net, kwargs = tiny_denoiser("edm-ddpmpp-uncond")
+    _, info = load_edm_pickle(write_pickle(tmp_path / "n.pkl", net, persistence, kwargs, src=variant))
+    assert info["source_match"] == "syntax tree" and info["source_version"] == STANDIN_LABEL
+    changed = STANDIN_SRC.replace("num_blocks=4", "num_blocks=3")  # code, not layout: not the same source
+    assert recognise_source(changed) is None
+
+
+def test_published_sources_are_registered():
+    assert len(pickles.KNOWN_SOURCES) == 2 and len(pickles.KNOWN_SOURCE_TREES) == 2
+    assert all(len(h) == 64 and "NVlabs/edm" in v for h, v in pickles.KNOWN_SOURCES.items())
+    assert set(pickles.KNOWN_SOURCES.values()) == set(pickles.KNOWN_SOURCE_TREES.values())
+
+
+# --- refusals ---------------------------------------------------------------------------------------------------
+
+def test_unknown_source_is_refused(tmp_path, persistence):
+    net, kwargs = tiny_denoiser("edm-ddpmpp-uncond")
+    path = write_pickle(tmp_path / "n.pkl", net, persistence, kwargs)  # stand-in not registered
+    raises(lambda: load_edm_pickle(path), str(path), "not one of NVlabs' published versions", "EDMPrecond")
+
+
+def test_embedded_source_is_never_run(tmp_path, persistence, monkeypatch):
+    marker = tmp_path / "ran.txt"
+    evil = f"open({str(marker)!r}, 'w').close()\nclass EDMPrecond: pass\n"
+    net, kwargs = tiny_denoiser("edm-ddpmpp-uncond")
+    path = write_pickle(tmp_path / "evil.pkl", net, persistence, kwargs, src=evil)
+    raises(lambda: load_edm_pickle(path), str(path), "not one of NVlabs' published versions", "refusing")
+    assert not marker.exists()
+    # Even a source that were registered as known is only ever read, never run.
+    monkeypatch.setitem(pickles.KNOWN_SOURCES, _sha(evil), "wrongly trusted")
+    raises(lambda: load_edm_pickle(path), str(path), "SongUNet")
+    assert not marker.exists()
+
+
+class _Call:
+    """Pickles as a call of `func(*args)`, as a malicious pickle would."""
+
+    def __init__(self, func, *args):
+        self.func, self.args = func, args
+
+    def __reduce__(self):
+        return self.func, self.args
+
+
+@pytest.mark.parametrize("func, spelled", [(os.system, f"{os.system.__module__}.system"), (eval, "builtins.eval"),
+                                           (subprocess.Popen, "subprocess.Popen")])
+@pytest.mark.parametrize("where", ["ema", "loss_fn"])
+def test_foreign_globals_are_refused(tmp_path, standin, persistence, func, spelled, where):
+    marker = tmp_path / "ran.txt"
+    args = {os.system: f"touch {marker}", eval: f"open({str(marker)!r}, 'w')",
+            subprocess.Popen: ["touch", str(marker)]}[func]
+    net, kwargs = tiny_denoiser("edm-ddpmpp-uncond")
+    if where == "ema":  # hidden inside the network's state
+        path = write_pickle(tmp_path / "n.pkl", net, persistence, kwargs,
+                            edit=lambda name, state: state.update(extra=_Call(func, args)) if name == "Conv2d" else 0)
+    else:  # in another entry of the top-level dict
+        path = write_pickle(tmp_path / "n.pkl", net, persistence, kwargs, extra=dict(loss_fn=_Call(func, args)))
+    raises(lambda: load_edm_pickle(path), str(path), "refusing to load: it references", spelled)
+    assert not marker.exists()
+
+
+def test_adm_network_is_refused_clearly(tmp_path, standin, persistence):
+    net, kwargs = tiny_denoiser("edm-ddpmpp-uncond")
+    kwargs["EDMPrecond"]["model_type"] = "DhariwalUNet"
+    path = write_pickle(tmp_path / "adm.pkl", net, persistence, kwargs, rename={SongUNet: "DhariwalUNet"})
+    raises(lambda: load_edm_pickle(path), str(path), "DhariwalUNet", "ADM", "only SongUNet")
+
+
+def test_iddpm_preconditioning_is_refused(tmp_path, standin, persistence):
+    net, kwargs = tiny_denoiser("edm-ddpmpp-uncond")
+    path = write_pickle(tmp_path / "n.pkl", net, persistence, kwargs, rename={EDMPrecond: "iDDPMPrecond"})
+    raises(lambda: load_edm_pickle(path), str(path), "iDDPMPrecond", "VPPrecond, VEPrecond and EDMPrecond")
+
+
+def test_defaults_come_from_the_source_and_misfits_are_refused(tmp_path, standin, persistence):
+    net, kwargs = tiny_denoiser("edm-ddpmpp-uncond")
+    del kwargs["SongUNet"]["num_blocks"]  # so the source's default, 4, applies: 1-block tensors do not fit
+    path = write_pickle(tmp_path / "n.pkl", net, persistence, kwargs)
+    raises(lambda: load_edm_pickle(path), str(path), "tensors do not fit", "missing")
+
+
+def test_unknown_network_argument_is_refused(tmp_path, standin, persistence):
+    net, kwargs = tiny_denoiser("edm-ddpmpp-uncond")
+    kwargs["SongUNet"]["use_xformers"] = True
+    path = write_pickle(tmp_path / "n.pkl", net, persistence, kwargs)
+    raises(lambda: load_edm_pickle(path), str(path), "'use_xformers'", "does not take")
+
+
+def test_differing_scalar_settings_are_refused(tmp_path, standin, persistence):
+    net, kwargs = tiny_denoiser("edm-ddpmpp-uncond")
+
+    def edit(name, state):
+        if name == "GroupNorm":
+            state["eps"] = 1e-3
+    path = write_pickle(tmp_path / "n.pkl", net, persistence, kwargs, edit=edit)
+    raises(lambda: load_edm_pickle(path), str(path), "eps is 0.001 in the pickle")
+
+
+def test_truncated_and_missing_files(tmp_path, standin, persistence):
+    net, kwargs = tiny_denoiser("edm-ddpmpp-uncond")
+    full = write_pickle(tmp_path / "n.pkl", net, persistence, kwargs).read_bytes()
+    for cut in (0, 40, len(full) // 2, len(full) - 1):
+        path = tmp_path / f"cut{cut}.pkl"
+        path.write_bytes(full[:cut])
+        raises(lambda: load_edm_pickle(path), str(path), "corrupt or truncated")
+    raises(lambda: load_edm_pickle(tmp_path / "absent.pkl"), "absent.pkl", "cannot open")
+
+
+def test_not_a_network_pickle(tmp_path):
+    path = tmp_path / "plain.pkl"
+    path.write_bytes(pickle.dumps({"weights": [1.0, 2.0]}))
+    raises(lambda: load_edm_pickle(path), str(path), "expected a dict with an 'ema' network")
+
+
+def test_numpy_scalars_of_either_numpy_spelling_and_nothing_else(tmp_path):
+    legacy = pickle.dumps({"s": np.float64(0.25), "i": np.int64(-3)}, protocol=2)
+    assert b"numpy._core.multiarray\nscalar" in legacy or b"numpy.core.multiarray\nscalar" in legacy
+    legacy = legacy.replace(b"numpy._core.multiarray\nscalar", b"numpy.core.multiarray\nscalar")  # numpy 1.x
+    path = tmp_path / "np.pkl"
+    path.write_bytes(legacy)
+    assert read_edm_pickle(path) == {"s": 0.25, "i": -3}
+    path.write_bytes(pickle.dumps({"a": np.zeros(3)}))  # arrays are not part of EDM's network state
+    raises(lambda: read_edm_pickle(path), str(path), "refusing to load: it references")
+
+
+def test_storage_bytes_go_through_the_weights_only_loader(tmp_path):
+    """A storage whose torch.save stream hides a foreign global is refused by torch's restricted loader."""
+    buf = io.BytesIO()
+    torch.save({"x": _Call(os.system, "true")}, buf)  # zip stream with a foreign global inside
+
+    class Storage:
+        def __reduce__(self):
+            return torch.storage._load_from_bytes, (buf.getvalue(),)
+
+    path = tmp_path / "s.pkl"
+    path.write_bytes(pickle.dumps({"ema": Storage()}))
+    with pytest.raises(InputError, match="weights-only loader; refusing to load"):
+        read_edm_pickle(path)
+
+
+def test_sdmem_generate_samples_a_pickle_through_the_generation_core(tmp_path, standin, persistence, cli):
+    case = sorted(CASES)[0]
+    net, kwargs = tiny_denoiser(case)
+    path = write_pickle(tmp_path / "edm-tiny.pkl", net, persistence, kwargs)
+    out = tmp_path / "gen"
+    args = ("generate", "--model", path, "--num", 5, "--out", out, "--steps", 3, "--batch", 2, "--device", "cpu",
+            "--quiet")
+    assert cli(*args).code == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["settings"]["made_by"]["kind"] == "edm-pickle" and manifest["settings"]["size"] == [8, 8]
+    before = (out / "000003.png").read_bytes()
+    (out / "000003.png").unlink()
+    assert cli(*args).code == 0 and (out / "000003.png").read_bytes() == before  # resumed byte-equal
+    cli(*args[:-7], "--steps", 4, "--batch", 2, "--device", "cpu", "--quiet").one_line_error("steps")
+    cli("generate", "--model", path, "--num", 2, "--out", tmp_path / "g2", "--prompt", "x").one_line_error("prompts")
