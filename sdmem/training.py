@@ -92,18 +92,49 @@ def check_world(batch_size: int, world: int) -> int:
     return batch_size // world
 
 
-def finish_accelerator(acc) -> None:
-    """End cleanly: a barrier and destroy_process_group (end_training sometimes aborted a gloo rank)."""
+def start_processes(timeout_hours: float = 24.0) -> None:
+    """Set up the process group once, for a job that runs several trainings in one launch (a sweep).
+
+    The group then lives until the process exits: every run's ``Accelerator`` finds it set up. Re-creating it
+    between runs is racy (torch restarts its group names, and a rank that arrives early at the second set-up can
+    read the first one's rendezvous keys from the launcher's store and hang). The long timeout lets the other
+    ranks wait at the next run's first collective while rank 0 generates and audits alone."""
+    import datetime
+
+    import torch
+    from accelerate import PartialState
+
+    if torch.distributed.is_available() and not torch.distributed.is_initialized():
+        PartialState(cpu=not torch.cuda.is_available(), timeout=datetime.timedelta(hours=timeout_hours))
+
+
+_EXIT_HOOKED = False
+
+
+def _destroy_group() -> None:
     import torch
 
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def finish_accelerator(acc) -> None:
+    """End one run cleanly: a barrier, the trackers closed, and accelerate's singletons reset so that a next run
+    in this process (a sweep's next point) builds its own state. The process group itself is kept and destroyed
+    when the process exits (see ``start_processes``)."""
+    import atexit
+
+    import torch
+
+    global _EXIT_HOOKED
     acc.wait_for_everyone()
     if acc.is_main_process:
         for tracker in acc.trackers:
             tracker.finish()
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-        # accelerate keeps its process state in singletons: reset them, so that a next run in this process (a
-        # sweep's next point) sets the process group up again instead of using the destroyed one.
         from accelerate.state import AcceleratorState
 
         AcceleratorState._reset_state(reset_partial_state=True)
+        if not _EXIT_HOOKED:
+            atexit.register(_destroy_group)
+            _EXIT_HOOKED = True

@@ -479,6 +479,10 @@ def run_sweep(spec: Spec, *, only: Sequence[str] = (), shard: tuple[int, int] | 
     rank, world = launched()
     main = rank == 0
     log = log if main else (lambda *_: None)
+    if world > 1:
+        from ..training import start_processes
+
+        start_processes()
     every = points(spec)
     mine = select(every, only, shard)
     for p in mine:
