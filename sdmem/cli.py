@@ -60,12 +60,14 @@ def _add_audit(sub) -> None:
 
 
 def _run_audit(args) -> int:
-    from .audit.api import audit
+    # Under `accelerate launch` / `torchrun` the training set is split across the processes; rank 0 reports.
+    from .audit.api import audit_distributed
 
-    report = audit(args.train, args.generated, out=args.out, backend=args.backend, device=args.device,
-                   threshold=args.threshold, resolution=args.resolution, dedup=not args.keep_duplicates,
-                   progress=not args.quiet)
-    print(report.one_line() + (f"; report in {args.out}" if args.out else ""))
+    report = audit_distributed(args.train, args.generated, out=args.out, backend=args.backend, device=args.device,
+                               threshold=args.threshold, resolution=args.resolution,
+                               dedup=not args.keep_duplicates, progress=not args.quiet)
+    if report is not None:
+        print(report.one_line() + (f"; report in {args.out}" if args.out else ""))
     return 0
 
 

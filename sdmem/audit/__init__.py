@@ -3,11 +3,11 @@
 
 def __getattr__(name):
     # Lazy: `from sdmem.audit import audit` without importing torch-heavy modules for replicas-only users.
-    if name in ("audit", "AuditReport"):
+    if name in ("audit", "audit_distributed", "AuditReport"):
         from . import api
 
         return getattr(api, name)
     raise AttributeError(name)
 
 
-__all__ = ["audit", "AuditReport"]
+__all__ = ["audit", "audit_distributed", "AuditReport"]

@@ -129,7 +129,10 @@ def as_source(src, *, resolution: int | None, what: str) -> ImageSource:
 def audit(train, generated, *, out: str | os.PathLike | None = None, backend: str = "auto",
           device: str = "auto", threshold: str | float | Fraction = "1/3", resolution: int | None = None,
           dedup: bool = True, progress: bool = True, bootstrap_seed: int = 0) -> AuditReport:
-    """Audit generated images against a training set with the paper's replica rule.
+    """Audit generated images against a training set with the paper's replica rule, in this process.
+
+    Both sets stream: the training set in blocks, the generated set in chunks (see
+    :func:`~sdmem.audit.knn.search_top2`), so neither has to fit in memory.
 
     Args:
         train, generated: an image SRC (folder, npz, EDM zip/folder, CIFAR archive, Imagenette, ``hf:``),
@@ -140,6 +143,73 @@ def audit(train, generated, *, out: str | os.PathLike | None = None, backend: st
         resolution: centre-crop and Lanczos-resize both sets to this square size.
         dedup: search over distinct training images (exact duplicates would give d1 = d2).
     """
+    result = _audit(train, generated, backend=backend, device=device, threshold=threshold, resolution=resolution,
+                    dedup=dedup, progress=progress, bootstrap_seed=bootstrap_seed, comm=None)
+    if out is not None:
+        result.save(out)
+    return result
+
+
+def audit_distributed(train, generated, *, out: str | os.PathLike | None = None, backend: str = "auto",
+                      device: str = "auto", threshold: str | float | Fraction = "1/3", resolution: int | None = None,
+                      dedup: bool = True, progress: bool = True, bootstrap_seed: int = 0) -> AuditReport | None:
+    """:func:`audit`, sharded over the processes of a launcher (``accelerate launch``, ``torchrun``).
+
+    Without a launcher (torch.distributed not initialised and WORLD_SIZE unset or 1) this is :func:`audit`.
+    Under one, each process streams its contiguous share of the training set against all generated images;
+    candidates and duplicates are merged exactly across processes (see :mod:`sdmem.audit.shard`), so flags,
+    distances and neighbours are identical to a single-process audit. torch.distributed is initialised
+    through accelerate's ``PartialState`` when needed (and then torn down at the end). Every process must
+    call this with the same arguments.
+
+    Returns:
+        The report on the main process (rank 0), which alone writes ``out``; None on the others.
+    """
+    from .shard import launched, process_group
+
+    kw = dict(backend=backend, device=device, threshold=threshold, resolution=resolution, dedup=dedup,
+              bootstrap_seed=bootstrap_seed)
+    if not launched():
+        return audit(train, generated, out=out, progress=progress, **kw)
+    with process_group(device) as comm:
+        result = _audit(train, generated, progress=progress and comm.rank == 0, comm=comm, **kw)
+        if comm.rank != 0:
+            return None
+        if out is not None:
+            result.save(out)  # before the closing barrier: the outputs exist when every process returns
+        return result
+
+
+def _audit(train, generated, *, backend, device, threshold, resolution, dedup, progress, bootstrap_seed,
+           comm) -> AuditReport:
+    if comm is None:
+        t, train_src, gen_src = _open(train, generated, threshold, resolution)
+    else:  # a refusal on one process (say a file missing on one node) is raised on every process
+        err = opened = None
+        try:
+            opened = _open(train, generated, threshold, resolution)
+        except Exception as exc:  # noqa: BLE001 (re-raised on this process by comm.check)
+            err = exc
+        comm.check(err)
+        t, train_src, gen_src = opened
+        comm.agree({"threshold": str(t), "resolution": resolution})
+    start = time.perf_counter()
+    top2 = search_top2(gen_src, train_src, backend=backend, device=device, dedup=dedup, progress=progress,
+                       comm=comm)
+    seconds = time.perf_counter() - start
+    flags = replica_flags(top2.sqdist, t)
+    return AuditReport(
+        train=train_src, generated=gen_src, threshold=t, backend=top2.backend, device=top2.device,
+        seconds=seconds, num_distinct_train=top2.num_distinct, num_duplicates=top2.num_train - top2.num_distinct,
+        nn1_index=top2.index[:, 0], nn2_index=top2.index[:, 1],
+        nn1_distance=rms_distance(top2.sqdist[:, 0], train_src.dim),
+        nn2_distance=rms_distance(top2.sqdist[:, 1], train_src.dim),
+        ratio=distance_ratio(top2.sqdist), replica=flags,
+        ci95=bootstrap_interval(flags, seed=bootstrap_seed),
+    )
+
+
+def _open(train, generated, threshold, resolution) -> tuple[Fraction, ImageSource, ImageSource]:
     t = parse_threshold(threshold)
     if resolution is not None and (not isinstance(resolution, int) or resolution <= 0):
         raise InputError("--resolution", f"expected a positive integer, got {resolution!r}")
@@ -152,20 +222,4 @@ def audit(train, generated, *, out: str | os.PathLike | None = None, backend: st
         th, tw, _ = train_src.shape
         raise InputError(gen_src.name, f"generated images are {gw}x{gh} but training images ({train_src.name}) "
                                        f"are {tw}x{th}; pass --resolution R to compare both at R x R")
-    start = time.perf_counter()
-    queries = gen_src.load()
-    top2 = search_top2(queries, train_src, backend=backend, device=device, dedup=dedup, progress=progress)
-    seconds = time.perf_counter() - start
-    flags = replica_flags(top2.sqdist, t)
-    result = AuditReport(
-        train=train_src, generated=gen_src, threshold=t, backend=top2.backend, device=top2.device,
-        seconds=seconds, num_distinct_train=top2.num_distinct, num_duplicates=top2.num_train - top2.num_distinct,
-        nn1_index=top2.index[:, 0], nn2_index=top2.index[:, 1],
-        nn1_distance=rms_distance(top2.sqdist[:, 0], train_src.dim),
-        nn2_distance=rms_distance(top2.sqdist[:, 1], train_src.dim),
-        ratio=distance_ratio(top2.sqdist), replica=flags,
-        ci95=bootstrap_interval(flags, seed=bootstrap_seed),
-    )
-    if out is not None:
-        result.save(out)
-    return result
+    return t, train_src, gen_src

@@ -45,6 +45,7 @@ from ..data.base import ImageSource
 from ..errors import InputError, SdmemError
 from ..utils import resolve_device
 from .gemm import row_blocks, sqdist, sqnorms
+from .shard import SOLO, Comm, merge_top2, shard_range
 
 __all__ = ["Top2", "search_top2"]
 
@@ -110,6 +111,42 @@ class _ArrayRows:
     def iter_blocks(self, block_size: int) -> Iterator[tuple[int, np.ndarray]]:
         for start, stop in row_blocks(len(self), block_size):
             yield start, np.asarray(self._arr[start:stop])
+
+    def read_range(self, start: int, stop: int) -> np.ndarray:
+        return np.asarray(self._arr[start:stop])
+
+    def read(self, indices) -> np.ndarray:
+        return np.asarray(self._arr[np.asarray(indices, dtype=np.int64)])
+
+
+class _QueryRows:
+    """The generated side: an array [Q, ...] (uint8 or float) or an :class:`ImageSource`, read as flat row
+    chunks so that the whole set never has to be in memory at once."""
+
+    def __init__(self, queries):
+        if isinstance(queries, ImageSource):
+            if len(queries) == 0:
+                raise InputError(queries.name, "holds no images")
+            self._src, self._arr = queries, None
+            self.dim, self.dtype, self.shape = queries.dim, np.dtype(np.uint8), tuple(queries.shape)
+            return
+        if isinstance(queries, torch.Tensor):
+            queries = queries.detach().cpu().numpy()
+        if not isinstance(queries, np.ndarray):
+            raise InputError("generated", f"expected an array of generated images, got {type(queries).__name__}")
+        _check_array(queries, "generated")
+        self._src, self._arr = None, queries
+        self.dim = math.prod(queries.shape[1:])
+        self.dtype = np.dtype(np.uint8) if queries.dtype == np.uint8 else np.dtype(np.float32)
+        self.shape = tuple(queries.shape[1:]) if queries.ndim == 4 else None
+
+    def __len__(self) -> int:
+        return len(self._src) if self._src is not None else int(self._arr.shape[0])
+
+    def read(self, start: int, stop: int, dtype: np.dtype) -> np.ndarray:
+        """Flat contiguous rows [stop − start, D] (a view of an in-memory array when possible: read only)."""
+        block = self._src.read_range(start, stop) if self._src is not None else self._arr[start:stop]
+        return _flat(np.asarray(block), dtype)
 
 
 def _as_rows(train, name: str = "train"):
@@ -212,11 +249,12 @@ class _Int8Engine:
     the running top-2.
     """
 
-    def __init__(self, queries_u8: np.ndarray, device: torch.device, query_block: int | None,
+    def __init__(self, nq: int, d: int, read, device: torch.device, query_block: int | None,
                  k_chunk: int | None = None):
+        """``read(a, b)`` gives the queries' uint8 rows [b − a, D]; they are read in sub-blocks of ~64 MiB
+        straight into the resident int8 copy (no second full-size copy)."""
         self.device = device
         self.cuda = device.type == "cuda"
-        nq, d = queries_u8.shape
         self.nq, self.d = nq, d
         self.dp = d + (-d % 8) if self.cuda else d  # CUDA int8 GEMM: K multiple of 8
         k_chunk = _MAX_K_CHUNK if k_chunk is None else k_chunk
@@ -226,8 +264,20 @@ class _Int8Engine:
         self.kchunks = list(row_blocks(self.dp, k_chunk))
         self.qp = max(nq, 24) if self.cuda else nq  # CUDA int8 GEMM: more than 16 rows
         # q stays resident, shifted and pre-split into contiguous K chunks (one unless D is huge)
-        self.q_chunks = self._int8_chunks(_as_tensor(queries_u8).to(device), self.qp)
-        self.qnorm = sum(_int8_sqnorms(c[:nq]) for c in self.q_chunks).cpu()  # int64 [Q]
+        padded = self.qp != nq or self.dp != d
+        alloc = torch.zeros if padded else torch.empty
+        self.q_chunks = [alloc((self.qp, b - a), dtype=torch.int8, device=device) for a, b in self.kchunks]
+        qnorm = torch.zeros(nq, dtype=torch.int64, device=device)
+        for a, b in row_blocks(nq, max(1, (64 << 20) // max(d, 1))):
+            x = _as_tensor(read(a, b)).to(device)
+            for (ka, kb), c in zip(self.kchunks, self.q_chunks):
+                width = min(kb, d) - ka
+                if width > 0:
+                    dst = c[a:b, :width]
+                    torch.bitwise_xor(x[:, ka : ka + width].view(torch.int8), -128, out=dst)
+                    qnorm[a:b] += _int8_sqnorms(dst)
+            del x
+        self.qnorm = qnorm.cpu()  # int64 [Q]
         if query_block is None:
             query_block = _Q_BLOCK_CUDA if self.cuda else _Q_BLOCK_CPU
             if not self.int32:
@@ -515,98 +565,219 @@ class _FaissEngine(_FloatEngine):
 
 
 def search_top2(queries, train, *, backend: str = "auto", device: str = "auto", dedup: bool = True,
-                block_size: int | None = None, progress: bool = False, _query_block: int | None = None,
-                _k_chunk: int | None = None) -> Top2:
+                block_size: int | None = None, progress: bool = False, query_chunk: int | None = None,
+                comm: Comm | None = None, _query_block: int | None = None, _k_chunk: int | None = None) -> Top2:
     """Exact two nearest distinct training images of each query.
 
     Args:
-        queries: uint8 [Q, H, W, 3] or [Q, D] pixels, or float32 [Q, D] features.
+        queries: uint8 [Q, H, W, 3] or [Q, D] pixels, float32 [Q, D] features, or an :class:`ImageSource`
+            (read in chunks of ``query_chunk`` images).
         train: an :class:`ImageSource`, or an array [N, ...] (uint8 or float32) with the same D.
         backend: ``auto`` (int8 for uint8 data, else faiss if importable, else torch), ``int8``,
             ``faiss`` or ``torch``; all give the same exact result.
         device: ``auto`` (cuda when available), ``cpu`` or ``cuda``.
         dedup: drop exact copies of earlier training rows from the search (their first copy stands
             for them), so a duplicated image cannot give d1 = d2.
-        block_size: training rows per streamed block (default: ~32 MiB of rows on CPU).
+        block_size: training rows per streamed block (default: ~48 MiB of rows on CPU).
         progress: show a tqdm bar over training blocks.
+        query_chunk: generated images searched per pass over the training set (default: as many as fit
+            in ~1 GiB of search memory on CPU, 4 GiB on a GPU: one pass for CIFAR-sized images). The
+            training set is streamed once per chunk and hashed in the first pass only.
+        comm: a :class:`~sdmem.audit.shard.Comm` of a sharded search: this process streams only its share
+            of the training rows; candidates and duplicates are merged across processes, and every process
+            returns the same result as a single process would. Default: one process.
 
     Raises:
         InputError: shapes differ, no queries, fewer than 2 distinct training images (with dedup) or
             fewer than 2 training images.
         SdmemError: unknown backend/device, cuda unavailable, faiss missing, int8 with float data.
     """
-    if isinstance(queries, torch.Tensor):
-        queries = queries.detach().cpu().numpy()
-    if not isinstance(queries, np.ndarray):
-        raise InputError("generated", f"expected an array of generated images, got {type(queries).__name__}")
-    _check_array(queries, "generated")
-    rows, tdtype, tdim, tname = _as_rows(train)
-    qdim = math.prod(queries.shape[1:])
-    if qdim != tdim:
-        tshape = getattr(train, "shape", None) if isinstance(train, ImageSource) else \
-            (train.shape[1:] if train.ndim == 4 else None)
-        qshape = queries.shape[1:] if queries.ndim == 4 else None
-        raise InputError(tname, f"training images are {_describe(tdim, tshape)} but generated images are "
-                                f"{_describe(qdim, qshape)}; pass --resolution R to compare both at R x R")
-    n_train = len(rows)
-    if n_train < 2:
-        raise InputError(tname, f"needs at least 2 distinct training images, found {n_train}")
-    all_uint8 = queries.dtype == np.uint8 and tdtype == np.uint8
-    dtype = np.dtype(np.uint8) if all_uint8 else np.dtype(np.float32)
-    backend = _resolve_backend(backend, all_uint8)
-    dev = _resolve_device(device)
-    q = _flat(queries, dtype)
+    comm = SOLO if comm is None else comm
+    err = None
+    try:  # every process checks its arguments; a refusal on one is raised on all (no process left waiting)
+        qrows = _QueryRows(queries)
+        rows, tdtype, tdim, tname = _as_rows(train)
+        if qrows.dim != tdim:
+            tshape = getattr(train, "shape", None) if isinstance(train, ImageSource) else \
+                (train.shape[1:] if train.ndim == 4 else None)
+            raise InputError(tname, f"training images are {_describe(tdim, tshape)} but generated images are "
+                                    f"{_describe(qrows.dim, qrows.shape)}; pass --resolution R to compare both "
+                                    "at R x R")
+        n_train = len(rows)
+        if n_train < 2:
+            raise InputError(tname, f"needs at least 2 distinct training images, found {n_train}")
+        all_uint8 = qrows.dtype == np.uint8 and tdtype == np.uint8
+        dtype = np.dtype(np.uint8) if all_uint8 else np.dtype(np.float32)
+        backend = _resolve_backend(backend, all_uint8)
+        dev = _resolve_device(device)
+        faiss_gpu = False
+        if backend == "faiss":
+            faiss = _import_faiss()
+            faiss_gpu = dev.type == "cuda" and faiss.get_num_gpus() > 0 and hasattr(faiss, "GpuIndexFlatL2")
+            dev = torch.device("cuda" if faiss_gpu else "cpu")
 
-    if backend == "int8":
-        engine = _Int8Engine(q, dev, _query_block, _k_chunk)
-    elif backend == "torch":
-        engine = _TorchEngine(q, all_uint8, dev, query_block=_query_block)
-    else:
-        faiss = _import_faiss()
-        gpu = dev.type == "cuda" and faiss.get_num_gpus() > 0 and hasattr(faiss, "GpuIndexFlatL2")
-        dev = torch.device("cuda" if gpu else "cpu")
-        engine = _FaissEngine(q, all_uint8, dev, gpu, query_block=_query_block)
+        bs = block_size or _default_block(backend, tdim, dev)
+        if bs <= 0:
+            raise InputError("block_size", f"expected a positive number of rows, got {bs}")
+        nq = len(qrows)
+        qc = query_chunk or _default_query_chunk(backend, tdim, dev, qrows.dtype)
+        if qc <= 0:
+            raise InputError("query_chunk", f"expected a positive number of images, got {qc}")
+        chunks = _query_blocks(nq, qc)
+    except Exception as exc:  # noqa: BLE001 (re-raised on this process by comm.check)
+        err = exc
+    comm.check(err)
+    if comm.world > 1:
+        comm.agree({"training images": n_train, "values per image": tdim, "generated images": nq,
+                    "backend": backend, "dedup": dedup, "first and last images": _ends_digest(rows, qrows, dtype)})
 
-    bs = block_size or _default_block(backend, tdim, dev)
-    if bs <= 0:
-        raise InputError("block_size", f"expected a positive number of rows, got {bs}")
-    duplicates = np.empty(n_train, dtype=np.int64)
+    def engine_for(qa: int, qb: int):
+        if backend == "int8":
+            return _Int8Engine(qb - qa, tdim, lambda a, b: qrows.read(qa + a, qa + b, dtype), dev, _query_block,
+                               _k_chunk)
+        q = qrows.read(qa, qb, dtype)
+        if backend == "torch":
+            return _TorchEngine(q, all_uint8, dev, query_block=_query_block)
+        return _FaissEngine(q, all_uint8, dev, faiss_gpu, query_block=_query_block)
+
+    lo, hi = shard_range(n_train, comm.rank, comm.world)
+    whole = (lo, hi) == (0, n_train)
+    local_dups = np.empty(hi - lo, dtype=np.int64)  # each shard row's first identical copy in the shard
+    fingerprints = np.empty(hi - lo, dtype=np.int64) if comm.world > 1 else None
     first_seen: dict[bytes, int] = {}
+    duplicates = keep = None  # global, known after the first pass
+    num_distinct = 0
+    sq = np.empty((nq, 2), dtype=np.float64)
+    idx = np.empty((nq, 2), dtype=np.int64)
     bar = None
     if progress:
         from tqdm.auto import tqdm  # noqa: PLC0415
-        bar = tqdm(total=-(-n_train // bs), desc=f"nearest neighbours ({backend}/{dev.type})", unit="block")
-    seen = 0
+        bar = tqdm(total=len(chunks) * -(-(hi - lo) // bs), desc=f"nearest neighbours ({backend}/{dev.type})",
+                   unit="block")
     try:
-        for start, block in rows.iter_blocks(bs):
-            x = _flat(block, dtype)
-            n = len(x)
-            if start != seen or n == 0 or x.shape[1] != tdim:
-                raise InputError(tname, f"block at {start} ({n} rows of D={x.shape[1]}) does not continue "
-                                        f"the stream at {seen} with D={tdim}")
-            gidx = np.arange(start, start + n, dtype=np.int64)
-            keep = _hash_rows(x, start, first_seen, duplicates)
-            if dedup and not keep.all():
-                x, gidx = np.ascontiguousarray(x[keep]), gidx[keep]
-            engine.add(x, gidx)
-            seen += n
-            if bar is not None:
-                bar.update(1)
+        for qa, qb in chunks:
+            err = part = None
+            try:
+                engine = engine_for(qa, qb)
+                seen = lo
+                blocks = rows.iter_blocks(bs) if whole else \
+                    ((lo + a, rows.read_range(lo + a, lo + b)) for a, b in row_blocks(hi - lo, bs))
+                for start, block in blocks:
+                    x = _flat(block, dtype)
+                    n = len(x)
+                    if start != seen or n == 0 or x.shape[1] != tdim:
+                        raise InputError(tname, f"block at {start} ({n} rows of D={x.shape[1]}) does not continue "
+                                                f"the stream at {seen} with D={tdim}")
+                    gidx = np.arange(start, start + n, dtype=np.int64)
+                    if keep is None:  # first pass: hash the rows
+                        k = _hash_rows(x, start, first_seen, local_dups, lo, fingerprints)
+                    else:
+                        k = keep[start - lo : start - lo + n]
+                    if dedup and not k.all():
+                        x, gidx = np.ascontiguousarray(x[k]), gidx[k]
+                    engine.add(x, gidx)
+                    seen += n
+                    if bar is not None:
+                        bar.update(1)
+                if seen != hi:
+                    raise InputError(tname, f"streamed {seen - lo} images but the source says it holds {hi - lo}"
+                                            + (f" from {lo}" if lo else ""))
+                part = engine.result()
+                del engine
+                part[0][part[1] < 0] = np.inf  # padding / empty shards: no candidate
+            except Exception as exc:  # noqa: BLE001 (re-raised on this process by comm.check)
+                err = exc
+            comm.check(err)
+            if duplicates is None:
+                first_seen.clear()
+                duplicates = _resolve_duplicates(comm, rows, dtype, lo, hi, local_dups, fingerprints)
+                num_distinct = int(np.count_nonzero(duplicates == np.arange(n_train)))
+                if dedup and num_distinct < 2:
+                    raise InputError(tname, f"needs at least 2 distinct training images, found {num_distinct}")
+                keep = duplicates[lo:hi] == np.arange(lo, hi)
+            if comm.world == 1:
+                sq[qa:qb], idx[qa:qb] = part
+            else:
+                gathered = zip(comm.all_gather(part[0]), comm.all_gather(part[1]))
+                sq[qa:qb], idx[qa:qb] = merge_top2(list(gathered), duplicates if dedup else None)
     finally:
         if bar is not None:
             bar.close()
-    if seen != n_train:
-        raise InputError(tname, f"streamed {seen} images but the source says it holds {n_train}")
-    num_distinct = len(first_seen)
-    if dedup and num_distinct < 2:
-        raise InputError(tname, f"needs at least 2 distinct training images, found {num_distinct}")
-    sq, idx = engine.result()
     return Top2(sqdist=sq, index=idx, num_train=n_train, num_distinct=num_distinct, duplicates=duplicates,
                 backend=backend, device=dev.type)
 
 
-def _hash_rows(x: np.ndarray, start: int, first_seen: dict[bytes, int], duplicates: np.ndarray) -> np.ndarray:
-    """Record each row's first identical copy; True where the row is the first of its bytes.
+def _ends_digest(rows, qrows: _QueryRows, dtype: np.dtype) -> str:
+    """A short digest of the first and last training and generated images: processes of a sharded audit that
+    read different files (a stale copy on one node) disagree on it."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for i in sorted({0, len(rows) - 1}):
+        h.update(_flat(np.asarray(rows.read([i])), dtype).tobytes())
+    for i in sorted({0, len(qrows) - 1}):
+        h.update(qrows.read(i, i + 1, dtype).tobytes())
+    return h.hexdigest()[:16]
+
+
+def _default_query_chunk(backend: str, dim: int, device: torch.device, qdtype: np.dtype) -> int:
+    """Generated images per pass: ~1 GiB of resident queries on CPU (4 GiB on a GPU). int8 keeps one byte per
+    feature; the float engines keep the input rows and an fp32 copy."""
+    budget = (1 << 30) if device.type == "cpu" else (4 << 30)
+    per_feature = 1 if backend == "int8" else 4 + (1 if qdtype == np.uint8 else 0)
+    return max(1, budget // max(dim * per_feature, 1))
+
+
+def _resolve_duplicates(comm: Comm, rows, dtype: np.dtype, lo: int, hi: int, local_dups: np.ndarray,
+                        fingerprints: np.ndarray | None) -> np.ndarray:
+    """Global ``duplicates`` [N] (each row's lowest-index identical copy) from each shard's own.
+
+    One process: the shard's. Several: the 64-bit fingerprints of each shard's first copies are gathered;
+    a first copy whose fingerprint also occurs in a lower shard is compared byte for byte with those rows
+    (lowest index first; read again from the source); the first identical one stands for it and for its
+    copies in this shard. The per-shard results are gathered into the global array.
+    """
+    if comm.world == 1:
+        return local_dups
+    own = np.arange(lo, hi, dtype=np.int64)
+    reps = own[local_dups == own]
+    rep_fp = fingerprints[reps - lo]
+    all_idx = np.concatenate(comm.all_gather(reps))
+    all_fp = np.concatenate(comm.all_gather(rep_fp))
+    err = None
+    dups = local_dups
+    try:
+        lower = all_idx < lo
+        lower_fp, lower_idx = all_fp[lower], all_idx[lower]
+        hit = np.isin(rep_fp, lower_fp)
+        if hit.any():
+            order = np.argsort(lower_fp, kind="stable")  # gathered in index order: stable keeps it per value
+            sfp, sidx = lower_fp[order], lower_idx[order]
+            rep_of: dict[int, int] = {}
+            for i, f in zip(reps[hit].tolist(), rep_fp[hit].tolist()):
+                cands = sidx[np.searchsorted(sfp, f, "left") : np.searchsorted(sfp, f, "right")]
+                got = _flat(np.asarray(rows.read(np.append(cands, i))), dtype)
+                mine = got[-1].tobytes()
+                same = next((int(j) for j, row in zip(cands, got[:-1]) if row.tobytes() == mine), None)
+                if same is not None:
+                    rep_of[i] = same
+            if rep_of:
+                src = np.fromiter(rep_of.keys(), np.int64, len(rep_of))
+                dst = np.fromiter(rep_of.values(), np.int64, len(rep_of))
+                pos = np.searchsorted(src, local_dups)  # rep_of's keys are ascending (reps are)
+                pos = np.minimum(pos, len(src) - 1)
+                dups = np.where(src[pos] == local_dups, dst[pos], local_dups)
+    except Exception as exc:  # noqa: BLE001 (re-raised on this process by comm.check)
+        err = exc
+    comm.check(err)
+    return np.concatenate(comm.all_gather(dups))
+
+
+def _hash_rows(x: np.ndarray, start: int, first_seen: dict[bytes, int], duplicates: np.ndarray,
+               offset: int = 0, fingerprints: np.ndarray | None = None) -> np.ndarray:
+    """Record each row's first identical copy (``duplicates[g − offset]`` for row g); True where the row is
+    the first of its bytes. ``fingerprints`` (when given) receives each row's 64-bit fingerprint (the first
+    8 bytes of its digest), for finding copies across shards.
 
     SHA-256 of each row's bytes (a 2⁻²⁵⁶ collision chance: no byte comparison needed). hashlib drops
     the GIL while hashing rows over 2 KiB, so large blocks are hashed by a few threads.
@@ -624,8 +795,10 @@ def _hash_rows(x: np.ndarray, start: int, first_seen: dict[bytes, int], duplicat
     for i, dg in enumerate(digests):
         g = start + i
         first = setdefault(dg, g)
-        duplicates[g] = first
+        duplicates[g - offset] = first
         keep[i] = first == g
+    if fingerprints is not None and n:
+        fingerprints[start - offset : start - offset + n] = np.frombuffer(b"".join(dg[:8] for dg in digests), "<i8")
     return keep
 
 
