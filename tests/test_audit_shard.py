@@ -216,20 +216,44 @@ def test_more_processes_than_training_images(one_thread):
         assert isinstance(res, InputError) and "found 1" in str(res)  # every rank, not just one
 
 
-def test_fingerprint_collisions_are_resolved_by_the_bytes(monkeypatch, one_thread):
-    """All 64-bit fingerprints equal (the digests differ after byte 8): only exact copies are merged."""
+@pytest.mark.parametrize("backend", ["int8", "torch"])
+def test_fingerprint_collisions_are_resolved_by_the_bytes(backend, monkeypatch, one_thread):
+    """Every fingerprint equal: the device sketch (int8) all zeros, or SHA-256 digests equal in their first 8 bytes
+    (float backends): only exact copies are merged, in one process and across shards."""
     real = knn._digests
 
     def colliding(buf, width, a, b):
         return [b"\0" * 8 + dg[8:] for dg in real(buf, width, a, b)]
 
     monkeypatch.setattr(knn, "_digests", colliding)
+    monkeypatch.setattr(knn, "_sketch", lambda proj: np.zeros((proj.shape[0], 8), dtype=np.int64))
     queries, train = tricky_set(seed=2)
-    solo = search_top2(queries, train, block_size=4)
-    for res in run_sharded(3, lambda comm: search_top2(queries, ArraySource("t", train), comm=comm, block_size=4)):
+    want = top2_of(brute_sq(queries, train), first_copies(train) == np.arange(len(train)))
+    solo = search_top2(queries, train, block_size=4, backend=backend)
+    np.testing.assert_array_equal(solo.index, want[1])
+    np.testing.assert_array_equal(solo.duplicates, first_copies(train))
+    for res in run_sharded(3, lambda comm: search_top2(queries, ArraySource("t", train), comm=comm, block_size=4,
+                                                       backend=backend)):
         np.testing.assert_array_equal(res.index, solo.index)
         np.testing.assert_array_equal(res.duplicates, first_copies(train))
         assert res.num_distinct == 55
+
+
+def test_device_sketch_is_exact_integer_arithmetic():
+    """Identical rows give identical fingerprints wherever they sit in a block; one changed pixel changes them."""
+    rng = np.random.default_rng(3)
+    x = rng.integers(0, 256, (300, 3 * 17 * 17), dtype=np.uint8)
+    x[250] = x[7]
+    eng = knn._Int8Engine(4, x.shape[1], lambda a, b: x[a:b], knn.torch.device("cpu"), None)
+    sk = eng.sketch(knn.torch.from_numpy(x))
+    assert sk.shape == (300, 8) and sk.dtype == np.int64
+    np.testing.assert_array_equal(sk[250], sk[7])
+    w = knn._sketch_matrix(x.shape[1], knn.torch.device("cpu")).numpy().astype(np.int64)
+    np.testing.assert_array_equal(sk, (x.astype(np.int64) - 128) @ w.T)  # the exact integer projection
+    y = x[:2].copy()
+    y[1, 100] ^= 1
+    assert (eng.sketch(knn.torch.from_numpy(y))[1] != sk[1]).any()
+    assert len({r.tobytes() for r in sk}) == 299
 
 
 def test_a_failing_rank_fails_every_rank(one_thread):

@@ -353,8 +353,9 @@ def test_memmapped_training_set_streams_in_bounded_memory(tmp_path):
         tracemalloc.stop()
         assert res.index[:, 0].tolist() == [5, 2999, 1234] and (res.sqdist[:, 0] == 0).all()
         assert all(size <= 64 and bs == 64 for _, size, bs in src.blocks)
-        # numpy blocks of 64 rows (196 KB each) plus O(N) bookkeeping (hashes, duplicates): far below the file
-        assert peak < file_bytes / 8, (backend, peak)
+        # a few numpy blocks of 64 rows (196 KB each: the one searched, the one read ahead, the one being read)
+        # plus O(N) bookkeeping (fingerprints, duplicates; < 200 bytes a row): far below the file
+        assert peak < 4 * 64 * d + 200 * n < file_bytes / 6, (backend, peak)
 
 
 def test_progress_bar(data, capsys):

@@ -23,9 +23,14 @@ The float backends keep k > 2 candidates per query; each candidate's distance is
 (int64 for uint8 data, float64 otherwise) while its training block is in memory, and the final top-2 is
 taken on the exact distances, so fp32 rounding cannot flip an order or a borderline replica flag.
 
-Exact duplicates inside the training set would give d1 = d2 and hide a replica: every training row is
-hashed (SHA-256) during the same pass, and with ``dedup`` the later copies are dropped from the search
-(the first copy stands for them).
+Exact duplicates inside the training set would give d1 = d2 and hide a replica: every training row gets a
+fingerprint during the same pass, and with ``dedup`` the later copies are dropped from the search (the first
+copy stands for them). The int8 backend computes the fingerprint where the block already is (8 exact int8
+projections by the same GEMM, on the GPU when searching there; equal fingerprints are confirmed byte for
+byte), so only 64 bytes a row reach the host; the float backends hash rows with SHA-256 on the host.
+
+Training blocks are read one ahead by a background thread (:class:`_Staged`); on a GPU it also puts them in
+pinned memory and copies them on a side stream, so reading, the host-to-device copy and the search overlap.
 """
 
 from __future__ import annotations
@@ -288,13 +293,37 @@ class _Int8Engine:
         self._buf = torch.empty(0, dtype=torch.int32, device=device)  # reused GEMM output
         self._acc = torch.empty(0, dtype=torch.int64, device=device)  # reused int64 key (huge D)
 
-    def add(self, x_u8: np.ndarray, gidx: np.ndarray) -> None:
-        """Search one training block: x_u8 uint8 [n, D] (duplicates already dropped), gidx int64 [n]."""
+    def upload(self, x_u8: np.ndarray) -> torch.Tensor:
+        """A training block on the engine's device (see :class:`_Staged` for the prefetched GPU copy)."""
+        return _as_tensor(x_u8).to(self.device)
+
+    def sketch(self, xd: torch.Tensor) -> np.ndarray:
+        """Each row's exact integer fingerprint, computed where the block is (int64 [n, 8] on the host).
+
+        The int8 rows times a fixed seeded int8 matrix [D, 8] by the same int8 GEMM as the search (no
+        overflow: |a − 128|, |w| ≤ 128 and K ≤ _MAX_K_CHUNK per chunk): identical rows give identical
+        fingerprints on any device; different rows collide only when all 8 random projections of their
+        difference vanish (about 2⁻⁶⁴ for a one-pixel difference), and a collision is caught by comparing
+        bytes (:func:`_dedup_sketch`). Only 64 bytes per row cross to the host instead of hashing every
+        pixel there."""
+        n = len(xd)
+        rows = max(24, n) if self.cuda else n  # CUDA int8 GEMM: more than 16 rows
+        out = None
+        for (a, b), c in zip(self.kchunks, self._int8_chunks(xd, rows)):
+            w = _sketch_matrix(self.dp, self.device)[:, a:b]  # [8, k]: its transpose is column-major
+            part = torch._int_mm(c, w.T)[:n].long()
+            out = part if out is None else out.add_(part)
+        return _sketch(out)
+
+    def add(self, x_u8, gidx: np.ndarray) -> None:
+        """Search one training block: x_u8 uint8 [n, D] (duplicates already dropped; an array or a tensor
+        on the device), gidx int64 [n]."""
         n = len(x_u8)
         if n == 0:
             return
         npad = max(2 * _TILE, n + (-n % _TILE))  # whole tiles, at least two
-        chunks = self._int8_chunks(_as_tensor(x_u8).to(self.device), npad)
+        xd = x_u8 if isinstance(x_u8, torch.Tensor) else _as_tensor(x_u8)
+        chunks = self._int8_chunks(xd.to(self.device), npad)
         xnorm = torch.full((npad,), _I32_MAX if self.int32 else _I64_SENTINEL, dtype=torch.int64,
                            device=self.device)
         xnorm[:n] = sum(_int8_sqnorms(c[:n]) for c in chunks)
@@ -360,6 +389,23 @@ class _Int8Engine:
         idx = self.best_idx[: self.nq].cpu()
         sq = key + self.qnorm.unsqueeze(1)  # exact int64 squared distances
         return sq.numpy().astype(np.float64), idx.numpy()
+
+
+_SKETCH: dict = {}
+
+
+def _sketch_matrix(d: int, device: torch.device) -> torch.Tensor:
+    """The fixed seeded int8 fingerprint matrix [8, d] (the same on every process and device)."""
+    key = (d, str(device))
+    if key not in _SKETCH:
+        w = np.random.default_rng(0x5D3E).integers(-128, 128, (8, d), dtype=np.int8)
+        _SKETCH[key] = torch.from_numpy(w).to(device)
+    return _SKETCH[key]
+
+
+def _sketch(projections: torch.Tensor) -> np.ndarray:
+    """int64 [n, 8] fingerprints on the host (a seam for tests that force collisions)."""
+    return projections.cpu().numpy()
 
 
 def _tiled_top2(key: torch.Tensor, tile: int):
@@ -662,23 +708,33 @@ def search_top2(queries, train, *, backend: str = "auto", device: str = "auto", 
                 seen = lo
                 blocks = rows.iter_blocks(bs) if whole else \
                     ((lo + a, rows.read_range(lo + a, lo + b)) for a, b in row_blocks(hi - lo, bs))
-                for start, block in blocks:
-                    x = _flat(block, dtype)
-                    n = len(x)
-                    if start != seen or n == 0 or x.shape[1] != tdim:
-                        raise InputError(tname, f"block at {start} ({n} rows of D={x.shape[1]}) does not continue "
-                                                f"the stream at {seen} with D={tdim}")
-                    gidx = np.arange(start, start + n, dtype=np.int64)
-                    if keep is None:  # first pass: hash the rows
-                        k = _hash_rows(x, start, first_seen, local_dups, lo, fingerprints)
-                    else:
-                        k = keep[start - lo : start - lo + n]
-                    if dedup and not k.all():
-                        x, gidx = np.ascontiguousarray(x[k]), gidx[k]
-                    engine.add(x, gidx)
-                    seen += n
-                    if bar is not None:
-                        bar.update(1)
+                staged = _Staged(blocks, dtype, tdim, dev if backend == "int8" else None)
+                try:
+                    for start, x, xd in staged:
+                        n = len(x)
+                        if start != seen or n == 0 or x.shape[1] != tdim:
+                            raise InputError(tname, f"block at {start} ({n} rows of D={x.shape[1]}) does not "
+                                                    f"continue the stream at {seen} with D={tdim}")
+                        gidx = np.arange(start, start + n, dtype=np.int64)
+                        if keep is None and xd is not None:  # first pass: fingerprints on the device
+                            k = _dedup_sketch(engine.sketch(xd), x, start, first_seen, local_dups, lo,
+                                              fingerprints, rows, dtype)
+                        elif keep is None:  # first pass, float backends: SHA-256 on the host
+                            k = _hash_rows(x, start, first_seen, local_dups, lo, fingerprints)
+                        else:
+                            k = keep[start - lo : start - lo + n]
+                        if dedup and not k.all():
+                            gidx = gidx[k]
+                            if xd is not None:
+                                xd = xd[torch.from_numpy(np.flatnonzero(k)).to(xd.device)]
+                            else:
+                                x = np.ascontiguousarray(x[k])
+                        engine.add(x if xd is None else xd, gidx)
+                        seen += n
+                        if bar is not None:
+                            bar.update(1)
+                finally:
+                    staged.close()
                 if seen != hi:
                     raise InputError(tname, f"streamed {seen - lo} images but the source says it holds {hi - lo}"
                                             + (f" from {lo}" if lo else ""))
@@ -771,6 +827,116 @@ def _resolve_duplicates(comm: Comm, rows, dtype: np.dtype, lo: int, hi: int, loc
         err = exc
     comm.check(err)
     return np.concatenate(comm.all_gather(dups))
+
+
+class _Staged:
+    """The training blocks, read one block ahead by a background thread (disk reads and decoding overlap the
+    search), flattened to [n, D] rows of ``dtype``; with a CUDA ``device`` each block also goes into pinned
+    memory and is copied to the GPU on a side stream in that thread, so the copy overlaps the search of the
+    previous block. Yields (start, host rows, device rows or None); with ``device`` None nothing is uploaded.
+    ``close()`` stops the reader (always call it)."""
+
+    def __init__(self, blocks, dtype: np.dtype, dim: int, device: torch.device | None, depth: int = 1):
+        import queue
+        import threading
+
+        self._blocks, self._dtype, self._device = blocks, dtype, device
+        self._cuda = device is not None and device.type == "cuda"
+        self._stream = torch.cuda.Stream(device) if self._cuda else None
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._read, name="sdmem-prefetch", daemon=True)
+        self._thread.start()
+
+    def _stage(self, start: int, block) -> tuple:
+        x = _flat(np.asarray(block), self._dtype)
+        if self._device is None:
+            return start, x, None
+        if not self._cuda:
+            return start, x, _as_tensor(x)
+        pinned = torch.empty(x.shape, dtype=torch.uint8, pin_memory=True)  # torch caches pinned blocks
+        pinned.numpy()[...] = x
+        with torch.cuda.stream(self._stream):
+            xd = pinned.to(self._device, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(self._stream)
+        return start, x, (xd, done)
+
+    def _read(self) -> None:
+        try:
+            for start, block in self._blocks:
+                item = ("ok", self._stage(start, block))
+                while not self._stop.is_set():
+                    try:
+                        self._queue.put(item, timeout=0.1)
+                        break
+                    except Exception:  # noqa: BLE001 (queue.Full: look at the stop flag again)
+                        continue
+                if self._stop.is_set():
+                    return
+            self._queue.put(("end", None))
+        except BaseException as exc:  # noqa: BLE001 (handed to the consumer, raised there)
+            self._queue.put(("error", exc))
+
+    def __iter__(self):
+        while True:
+            kind, item = self._queue.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise item
+            start, x, xd = item
+            if self._cuda:
+                xd, done = xd
+                current = torch.cuda.current_stream(self._device)
+                current.wait_event(done)
+                xd.record_stream(current)  # allocated on the side stream, used on this one
+            yield start, x, xd
+
+    def close(self) -> None:
+        import queue
+
+        self._stop.set()
+        while self._thread.is_alive():
+            try:
+                self._queue.get(timeout=0.1)
+            except queue.Empty:
+                pass
+            self._thread.join(timeout=0.1)
+
+
+def _dedup_sketch(sketch: np.ndarray, x: np.ndarray, start: int, first_seen: dict, duplicates: np.ndarray,
+                  offset: int, fingerprints: np.ndarray | None, rows, dtype: np.dtype) -> np.ndarray:
+    """:func:`_hash_rows` from device fingerprints (int64 [n, 8]): a row whose fingerprint was seen is
+    compared byte for byte with the fingerprint's first row (read again from the source when it lies in an
+    earlier block); a mismatch (a collision) falls back to the row's SHA-256, so the result is exact."""
+    n = len(x)
+    folded = _fold(sketch)  # uint64 [n, 2]: a 16-byte dictionary key per row
+    keys = folded.view(np.dtype((np.void, 16))).ravel().tolist()
+    keep = np.empty(n, dtype=bool)
+    setdefault = first_seen.setdefault
+    for i, key in enumerate(keys):
+        g = start + i
+        first = setdefault(key, g)
+        if first != g:
+            other = x[first - start] if first >= start else _flat(np.asarray(rows.read([first])), dtype)[0]
+            if other.tobytes() != x[i].tobytes():  # a fingerprint collision: key this row by its bytes
+                first = setdefault(b"sha256" + hashlib.sha256(x[i].tobytes()).digest(), g)
+        duplicates[g - offset] = first
+        keep[i] = first == g
+    if fingerprints is not None and n:  # 64 bits for the cross-shard match (which compares bytes too)
+        fingerprints[start - offset : start - offset + n] = folded[:, 0].view(np.int64)
+    return keep
+
+
+_MIX = np.random.default_rng(0x5D3F).integers(1, 2**63, (8, 2), dtype=np.uint64) | np.uint64(1)
+
+
+def _fold(sketch: np.ndarray) -> np.ndarray:
+    """The 8 projections of each row folded into 2 × 64 bits (odd multipliers, wrapping): uint64 [n, 2]."""
+    a = np.ascontiguousarray(sketch, dtype="<i8").view(np.uint64)
+    with np.errstate(over="ignore"):
+        return np.ascontiguousarray(np.stack([(a * _MIX[:, j]).sum(1, dtype=np.uint64) for j in range(2)], 1))
 
 
 def _hash_rows(x: np.ndarray, start: int, first_seen: dict[bytes, int], duplicates: np.ndarray,
