@@ -55,6 +55,9 @@ def _add_audit(sub) -> None:
                    help="centre-crop and Lanczos-resize every image to R x R")
     p.add_argument("--keep-duplicates", action="store_true",
                    help="search over every training image, exact duplicates included (d1 = d2 hides replicas)")
+    p.add_argument("--fid", action="store_true", help="also the FID of the generated set against the training set "
+                   "(Inception-v3 weights: --fid-weights, $SDMEM_INCEPTION_WEIGHTS or the cache; see `sdmem fid`)")
+    p.add_argument("--fid-weights", metavar="FILE", help="with --fid: the Inception-v3 weights file")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_run_audit)
 
@@ -63,11 +66,55 @@ def _run_audit(args) -> int:
     # Under `accelerate launch` / `torchrun` the training set is split across the processes; rank 0 reports.
     from .audit.api import audit_distributed
 
+    if args.fid_weights is not None and not args.fid:
+        raise InputError("--fid-weights", "only with --fid")
     report = audit_distributed(args.train, args.generated, out=args.out, backend=args.backend, device=args.device,
                                threshold=args.threshold, resolution=args.resolution,
-                               dedup=not args.keep_duplicates, progress=not args.quiet)
+                               dedup=not args.keep_duplicates, progress=not args.quiet,
+                               fid=args.fid, fid_weights=args.fid_weights)
     if report is not None:
         print(report.one_line() + (f"; report in {args.out}" if args.out else ""))
+    return 0
+
+
+def _add_fid(sub) -> None:
+    from .fid import WEIGHTS_NAME, WEIGHTS_URL
+
+    p = sub.add_parser("fid", help="Frechet Inception distance of generated images against a reference set",
+                       description="FID with the standard Inception-v3 pool3 features (torch-fidelity's port of the "
+                                   "TensorFlow network; paper Appendix E). The weights are a local file, "
+                                   f"{WEIGHTS_NAME} from {WEIGHTS_URL}: --weights, $SDMEM_INCEPTION_WEIGHTS, or "
+                                   "$XDG_CACHE_HOME/sdmem (~/.cache/sdmem). Statistics of a reference image set are "
+                                   "cached under the same folder in fid-ref/; EDM's reference .npz files (mu, sigma) "
+                                   "are read as they are.")
+    p.add_argument("--generated", required=True, metavar="SRC", help="generated images, any SRC format")
+    p.add_argument("--ref", required=True, metavar="SRC|STATS.npz",
+                   help="reference images (e.g. the training set; any SRC) or a statistics .npz with mu and sigma")
+    p.add_argument("--weights", metavar="FILE", help=f"Inception-v3 weights ({WEIGHTS_NAME}, or the same state dict "
+                   "as .safetensors)")
+    p.add_argument("--batch", type=_positive_int("--batch", 4096), default=64, help="images per batch (default 64)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--resolution", type=_positive_int("--resolution", 8192), metavar="R",
+                   help="centre-crop and Lanczos-resize the images to R x R first (Inception then resizes to 299)")
+    p.add_argument("--out", metavar="FILE.json", help="also write the result as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_run_fid)
+
+
+def _run_fid(args) -> int:
+    import json
+    import os
+
+    from .fid import compute_fid
+    from .utils import atomic_write_text
+
+    if args.out is not None and os.path.isdir(args.out):
+        raise InputError(args.out, "is a folder; --out takes a .json file name")
+    result = compute_fid(args.generated, args.ref, weights=args.weights, device=args.device, batch=args.batch,
+                         resolution=args.resolution, progress=not args.quiet)
+    if args.out is not None:
+        atomic_write_text(args.out, json.dumps(result.to_dict(), indent=2) + "\n")
+    print(result.one_line() + (f"; written to {args.out}" if args.out else ""))
     return 0
 
 
@@ -386,6 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"sdmem {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_audit(sub)
+    _add_fid(sub)
     _add_optimum(sub)
     _add_demo(sub)
     _add_train(sub)

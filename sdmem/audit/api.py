@@ -38,6 +38,7 @@ class AuditReport:
     ratio: np.ndarray
     replica: np.ndarray
     ci95: tuple[float, float] = field(default=(float("nan"), float("nan")))
+    fid: float | None = None  # FID against the training set, when asked for (`sdmem audit --fid`)
 
     @property
     def memorization_ratio(self) -> float:
@@ -72,14 +73,15 @@ class AuditReport:
             "seconds": round(self.seconds, 3),
             "train_source": self.train.name,
             "generated_source": self.generated.name,
-        }
+        } | ({"fid": self.fid} if self.fid is not None else {})
 
     def one_line(self) -> str:
         lo, hi = self.ci95
         return (f"memorization ratio {100 * self.memorization_ratio:.2f}% "
                 f"[95% CI {100 * lo:.2f}-{100 * hi:.2f}] ({self.num_replicas}/{len(self.generated)} replicas), "
                 f"KNN distance {self.knn_distance:.3f}, train {len(self.train)} images "
-                f"({self.num_duplicates} duplicates), {self.backend}/{self.device}, {self.seconds:.1f} s")
+                f"({self.num_duplicates} duplicates), {self.backend}/{self.device}, {self.seconds:.1f} s"
+                + (f", FID {self.fid:.2f}" if self.fid is not None else ""))
 
     def per_sample(self) -> dict[str, np.ndarray | list]:
         return {"index": np.arange(len(self.generated)), "file": self.generated.files,
@@ -128,7 +130,8 @@ def as_source(src, *, resolution: int | None, what: str) -> ImageSource:
 
 def audit(train, generated, *, out: str | os.PathLike | None = None, backend: str = "auto",
           device: str = "auto", threshold: str | float | Fraction = "1/3", resolution: int | None = None,
-          dedup: bool = True, progress: bool = True, bootstrap_seed: int = 0) -> AuditReport:
+          dedup: bool = True, progress: bool = True, bootstrap_seed: int = 0, fid: bool = False,
+          fid_weights: str | os.PathLike | None = None) -> AuditReport:
     """Audit generated images against a training set with the paper's replica rule, in this process.
 
     Both sets stream: the training set in blocks, the generated set in chunks (see
@@ -142,9 +145,14 @@ def audit(train, generated, *, out: str | os.PathLike | None = None, backend: st
         threshold: replica iff d1/d2 < threshold (strict), default 1/3.
         resolution: centre-crop and Lanczos-resize both sets to this square size.
         dedup: search over distinct training images (exact duplicates would give d1 = d2).
+        fid: also the FID of the generated set against the training set (``report.fid``, in summary.json);
+            fid_weights: the Inception-v3 weights file (default: see :func:`sdmem.fid.default_weights_path`).
     """
+    extractor = _fid_extractor(fid_weights, device) if fid else None  # a missing or wrong file fails before any work
     result = _audit(train, generated, backend=backend, device=device, threshold=threshold, resolution=resolution,
                     dedup=dedup, progress=progress, bootstrap_seed=bootstrap_seed, comm=None)
+    if extractor is not None:
+        result.fid = _fid_against_train(result, extractor, progress)
     if out is not None:
         result.save(out)
     return result
@@ -152,7 +160,8 @@ def audit(train, generated, *, out: str | os.PathLike | None = None, backend: st
 
 def audit_distributed(train, generated, *, out: str | os.PathLike | None = None, backend: str = "auto",
                       device: str = "auto", threshold: str | float | Fraction = "1/3", resolution: int | None = None,
-                      dedup: bool = True, progress: bool = True, bootstrap_seed: int = 0) -> AuditReport | None:
+                      dedup: bool = True, progress: bool = True, bootstrap_seed: int = 0, fid: bool = False,
+                      fid_weights: str | os.PathLike | None = None) -> AuditReport | None:
     """:func:`audit`, sharded over the processes of a launcher (``accelerate launch``, ``torchrun``).
 
     Without a launcher (torch.distributed not initialised and WORLD_SIZE unset or 1) this is :func:`audit`.
@@ -170,14 +179,30 @@ def audit_distributed(train, generated, *, out: str | os.PathLike | None = None,
     kw = dict(backend=backend, device=device, threshold=threshold, resolution=resolution, dedup=dedup,
               bootstrap_seed=bootstrap_seed)
     if not launched():
-        return audit(train, generated, out=out, progress=progress, **kw)
+        return audit(train, generated, out=out, progress=progress, fid=fid, fid_weights=fid_weights, **kw)
+    # Every process checks the FID weights first (the same refusal everywhere); rank 0 alone computes the FID.
+    extractor = _fid_extractor(fid_weights, "cpu") if fid else None
     with process_group(device) as comm:
         result = _audit(train, generated, progress=progress and comm.rank == 0, comm=comm, **kw)
         if comm.rank != 0:
             return None
+        if extractor is not None:
+            result.fid = _fid_against_train(result, extractor.to(device), progress)
         if out is not None:
             result.save(out)  # before the closing barrier: the outputs exist when every process returns
         return result
+
+
+def _fid_extractor(weights, device):
+    from ..fid import load_extractor
+
+    return load_extractor(weights, device=device, option="--fid-weights")
+
+
+def _fid_against_train(result: AuditReport, extractor, progress: bool) -> float:
+    from ..fid import compute_fid
+
+    return compute_fid(result.generated, result.train, extractor=extractor, progress=progress).fid
 
 
 def _audit(train, generated, *, backend, device, threshold, resolution, dedup, progress, bootstrap_seed,
