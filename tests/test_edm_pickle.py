@@ -17,6 +17,7 @@ import pickle
 import subprocess
 import sys
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -373,3 +374,39 @@ def test_sdmem_generate_samples_a_pickle_through_the_generation_core(tmp_path, s
     assert cli(*args).code == 0 and (out / "000003.png").read_bytes() == before  # resumed byte-equal
     cli(*args[:-7], "--steps", 4, "--batch", 2, "--device", "cpu", "--quiet").one_line_error("steps")
     cli("generate", "--model", path, "--num", 2, "--out", tmp_path / "g2", "--prompt", "x").one_line_error("prompts")
+
+
+def test_checkpoint_check_script_generates_and_scores_a_pickle(tmp_path, standin, persistence, monkeypatch, capsys):
+    """eval/check_edm_checkpoint.py end to end on a written pickle, random Inception weights and its own
+    reference statistics: it generates through the core, prints the FID beside --published, and exits 1 when
+    the gap exceeds the tolerance."""
+    import importlib.util
+
+    from safetensors.torch import save_file
+
+    from sdmem import fid
+    from sdmem.data import ArraySource
+    from test_fid import random_state_dict
+
+    monkeypatch.setenv("SDMEM_CACHE", str(tmp_path / "cache"))
+    net, kwargs = tiny_denoiser("edm-ddpmpp-uncond")
+    pkl = write_pickle(tmp_path / "edm-tiny.pkl", net, persistence, kwargs)
+    save_file(random_state_dict(), str(tmp_path / "w.safetensors"))
+    reference = ArraySource("ref", np.random.default_rng(0).integers(0, 256, (4, 8, 8, 3), dtype=np.uint8))
+    stats = fid.source_stats(reference, fid.load_extractor(tmp_path / "w.safetensors", device="cpu"))
+    fid.write_stats(tmp_path / "ref.npz", stats)
+    path = Path(__file__).resolve().parents[1] / "eval" / "check_edm_checkpoint.py"
+    spec = importlib.util.spec_from_file_location("check_edm_checkpoint", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    argv = ["check", "--pkl", str(pkl), "--ref", str(tmp_path / "ref.npz"), "--out", str(tmp_path / "gen"),
+            "--weights", str(tmp_path / "w.safetensors"), "--num", "4", "--steps", "3", "--batch", "2",
+            "--device", "cpu"]
+    monkeypatch.setattr(sys, "argv", argv + ["--published", "0", "--tolerance", "1e9"])
+    assert script.main() == 0
+    out = capsys.readouterr().out
+    assert "edm-tiny.pkl: 4 images (4 new" in out and "FID " in out and "published 0.00" in out
+    assert sorted(p.name for p in (tmp_path / "gen").glob("*.png")) == [f"{i:06d}.png" for i in range(4)]
+    monkeypatch.setattr(sys, "argv", argv + ["--published", "-1000", "--tolerance", "0.1"])
+    assert script.main() == 1  # resumed (nothing new), and far from the "published" figure
+    assert "(0 new" in capsys.readouterr().out
