@@ -10,12 +10,17 @@
   every seed. A later call whose settings differ is refused (exit 2) naming the setting; equal settings extend
   the folder.
 - **Verified resume.** An existing image counts as done only if it decodes at the recorded size.
+- **PNGs written off the critical path**: a writer thread takes rendered blocks from a bounded queue (two blocks)
+  and writes each file atomically while the next block renders; its first error is re-raised in the caller, and
+  blocks already rendered are still written when rendering fails. The files are those a direct write gives.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import queue
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -163,18 +168,69 @@ def generate_folder(out: str | os.PathLike, seeds: Sequence[int], plan: Plan, *,
               "images": dict(sorted(merged.items()))}
     atomic_write_text(out / MANIFEST, json.dumps(record, indent=1) + "\n")
     wanted = set(todo)
-    with tqdm(total=len(todo), disable=not progress, desc=desc, unit="img") as bar:
+    h, w = plan.size
+    with tqdm(total=len(todo), disable=not progress, desc=desc, unit="img") as bar, \
+            PngWriter(lambda n: bar.update(n)) as writer:
         for block in blocks_of(todo, plan.batch):
             pixels = render(block, [{"seed": s, **plan.condition(s)} for s in block])
-            h, w = plan.size
             if pixels.shape != (len(block), h, w, 3) or pixels.dtype != np.uint8:
                 raise RuntimeError(f"renderer returned {pixels.dtype} {pixels.shape}, expected uint8 "
                                    f"{(len(block), h, w, 3)}")
-            for s, img in zip(block, pixels):
-                if s in wanted:
-                    save_png(out / image_name(s), img)
-                    bar.update(1)
+            # Copies: the writer must not see a buffer that the renderer reuses for its next block.
+            writer.put([(out / image_name(s), img.copy()) for s, img in zip(block, pixels) if s in wanted])
     return len(todo)
+
+
+class PngWriter:
+    """Writes lists of (path, uint8 [H, W, 3]) as PNGs (atomically, ``save_png``) on one background thread.
+
+    ``put`` blocks while ``depth`` lists wait (bounded memory) and re-raises the writer's first error; leaving the
+    ``with`` block writes what is queued, then re-raises that error (an error raised inside the block wins; the
+    queued images are still written, so a later resume has less to do). PIL's encoder releases the GIL, so the
+    files are compressed while the caller renders the next block.
+    """
+
+    def __init__(self, done: Callable[[int], None] | None = None, depth: int = 2):
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._done = done or (lambda n: None)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="sdmem-png-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            items = self._queue.get()
+            if items is None:
+                return
+            if self._error is not None:
+                continue  # keep draining, so that put() never blocks on a dead writer
+            try:
+                for path, img in items:
+                    save_png(path, img)
+                self._done(len(items))
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                self._error = exc
+
+    def _check(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def put(self, items: list) -> None:
+        self._check()
+        self._queue.put(items)
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+
+    def __enter__(self) -> "PngWriter":
+        return self
+
+    def __exit__(self, kind, exc, tb) -> None:
+        self.close()
+        if kind is None:
+            self._check()
 
 
 def seed32(seed: int) -> int:

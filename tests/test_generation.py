@@ -192,3 +192,41 @@ def test_edm_class_out_of_range_is_refused(tiny_edm_run, tmp_path):
     with pytest.raises(InputError, match="--class"):
         generate_run(tiny_edm_run, tmp_path / "g3", **dict(EDM_GEN, seeds=[0]), class_label=5)
     assert not (tmp_path / "g3").exists()
+
+
+def test_pngs_are_written_by_a_thread_and_its_errors_reach_the_caller(tmp_path):
+    from sdmem.generation import PngWriter
+
+    # A failed write (a folder where the file should go) is raised by the call, naming the cause.
+    (tmp_path / "g").mkdir()
+    generate_folder(tmp_path / "g", range(2), counting_plan([]), progress=False)
+    (tmp_path / "g" / "000005.png").mkdir()
+    with pytest.raises(OSError):
+        generate_folder(tmp_path / "g", range(8), counting_plan([]), progress=False)
+    with pytest.raises(OSError):  # a put after the failure raises too, and never blocks on the dead writer
+        with PngWriter(depth=1) as writer:
+            for _ in range(5):
+                writer.put([(tmp_path / "g" / "000005.png", np.zeros((2, 2, 3), np.uint8))])
+
+
+def test_a_render_error_still_writes_the_blocks_rendered_before_it(tmp_path):
+    calls = []
+    plan = counting_plan(calls)
+    load = plan.load
+
+    def failing_load():
+        render = load()
+
+        def render_or_fail(seeds, conds):
+            if seeds[0] >= 8:
+                raise KeyboardInterrupt  # e.g. Ctrl-C while the third block renders
+            return render(seeds, conds)
+        return render_or_fail
+    plan.load = failing_load
+    with pytest.raises(KeyboardInterrupt):
+        generate_folder(tmp_path / "g", range(12), plan, progress=False)
+    assert sorted(p.name for p in (tmp_path / "g").glob("*.png")) == [f"{s:06d}.png" for s in range(8)]
+    assert not list((tmp_path / "g").glob(".*"))  # no temporary file left
+    calls.clear()
+    assert generate_folder(tmp_path / "g", range(12), counting_plan(calls), progress=False) == 4
+    assert calls == [[8, 9, 10, 11]]
