@@ -26,4 +26,9 @@ if "${PIP[@]}" show -q "$other" >/dev/null 2>&1; then
     "${PIP[@]}" uninstall -q -y "$other" "$faiss" >/dev/null
 fi
 "${PIP[@]}" install -q -c constraints.txt -e ".[$faiss,hf,sd,test]"
+# FID (sdmem fid) uses torch-fidelity's Inception-v3 module only. --no-deps: torch-fidelity requires torchvision,
+# which cannot be installed beside torch 2.13 (CPU) and which that module does not need (sdmem/fid.py loads it
+# without the package __init__). The Inception weights are a separate file: see README, FID.
+"$VENV/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.version('torch-fidelity') != '0.4.0')" \
+    2>/dev/null || "${PIP[@]}" install -q --no-deps torch-fidelity==0.4.0
 "$VENV/bin/python" -c "import sdmem, torch, faiss; print(f'sdmem {sdmem.__version__} ready: torch {torch.__version__}, faiss {faiss.__version__} ({faiss.get_num_gpus()} GPUs), venv $VENV')"

@@ -24,7 +24,8 @@ from .emm import finite_number as _num
 METRICS = ("memorization_ratio", "memorization_ratio_low", "memorization_ratio_high", "knn_distance")
 TABLE3_ROWS, TABLE3_COLS = ("model.method", "model.rank"), ("data.prompt", "size")
 _ORDER = {"model.method": {"lora": 0, "full": 1}, "data.prompt": {"plain": 0, "class": 1}}
-_RESULT = {"num_params", "size", "epoch", "step", "images_seen", "num_generated", "wall_time_s", "point", *METRICS}
+_RESULT = {"num_params", "size", "epoch", "step", "images_seen", "num_generated", "wall_time_s", "point", "fid",
+           *METRICS}
 _NOT_AXES = (_RESULT - {"size"}) | {"out_dir"}
 
 

@@ -24,7 +24,7 @@ from ..utils import atomic_write, atomic_write_text
 
 OUT_COLUMNS = ["emm", "emm_low", "emm_high", "status", "monotone", "note"]
 _BOOKKEEPING = {"size", "point", "status", "num_params", "epoch", "epochs", "step", "steps", "images_seen", "kimg",
-                "wall_time", "seconds", "elapsed", "error", "note", "num_generated"}
+                "wall_time", "seconds", "elapsed", "error", "note", "num_generated", "fid"}
 _BOOKKEEPING_PREFIXES = ("memorization_ratio", "knn_distance", "wall_time", "images_seen")
 _TRUE, _FALSE = {"1", "true", "yes"}, {"0", "false", "no"}
 

@@ -45,7 +45,7 @@ GENERATE_KEYS = {"num": int, "batch": int, "steps": int, "seed": int}
 CLAIM_STALE_S = 600.0  # a claim not refreshed for this long is a dead worker's (other hosts)
 HEARTBEAT_S = 30.0
 RESULT_COLUMNS = ("num_params", "size", "memorization_ratio", "memorization_ratio_low", "memorization_ratio_high",
-                  "knn_distance", "epoch", "step", "images_seen", "num_generated", "wall_time_s", "point")
+                  "knn_distance", "fid", "epoch", "step", "images_seen", "num_generated", "wall_time_s", "point")
 
 
 @dataclass
@@ -345,17 +345,21 @@ def _audit_row(report, audit_dir: Path) -> dict:
     s = report.summary()
     lo, hi = s["memorization_ratio_ci95"]
     return {"memorization_ratio": s["memorization_ratio"], "memorization_ratio_low": lo, "memorization_ratio_high": hi,
-            "knn_distance": s["knn_distance"], "num_generated": s["num_generated"]}
+            "knn_distance": s["knn_distance"], "fid": s.get("fid"), "num_generated": s["num_generated"]}
 
 
 def _generate_and_audit(spec: Spec, p: Point, generate_run, progress: bool, device: str, **kw) -> dict:
     from ..audit.api import audit
+    from ..fid import weights_available
 
     g = spec.generate
     seeds = list(range(g.get("seed", 0), g.get("seed", 0) + g["num"]))
     generate_run(p.run_dir, p.dir / "generated", seeds=seeds, device=device, progress=progress,
                  **{k: g[k] for k in ("batch", "steps") if k in g}, **kw)
-    report = audit(p.run_dir, p.dir / "generated", out=p.dir / "audit", progress=progress)
+    # The fid column is filled when the Inception weights are at their default place (SDMEM_INCEPTION_WEIGHTS or
+    # the cache; see sdmem.fid), empty otherwise; the training set's statistics are cached once per run.
+    report = audit(p.run_dir, p.dir / "generated", out=p.dir / "audit", progress=progress,
+                   fid=weights_available())
     return _audit_row(report, p.dir / "audit")
 
 
