@@ -43,7 +43,7 @@ from ..generation import Plan
 from ..utils import resolve_device
 from .components import check_diffusers_folder, ddim_scheduler, is_hub_id, quiet_transformers
 from .config import CLASS_FIELD
-from .generate import check_options, class_rule, generate_images
+from .generate import PROMPT_ENCODING, check_options, class_rule, fuse_lora, sampling_renderer
 from .lora import LORA_WEIGHTS
 
 FINGERPRINT_RULE = ("sha256 over model_index.json and every top-level file of each loaded component folder: "
@@ -278,7 +278,8 @@ def foreign_plan(model: str | os.PathLike, seeds: Sequence[int], *, lora: str | 
                  prompt: str | None = None, prompts_file: str | os.PathLike | None = None,
                  class_prompts: str | os.PathLike | None = None, template: str = "a picture of a {class}",
                  steps: int = 50, guidance: float = 7.5, eta: float = 0.0, batch: int = 16,
-                 resolution: int | None = None, revision: str | None = None, device: str = "auto") -> Plan:
+                 resolution: int | None = None, revision: str | None = None, device: str = "auto",
+                 fuse: bool = True, compile: bool = False) -> Plan:
     """The generation plan of a diffusers pipeline (+ LoRA) that sdmem did not train; everything is checked here,
     the pipeline loads only when images are missing. Use with ``generation.generate_folder(out, seeds, plan)``."""
     given = {"--prompt": prompt is not None, "--prompts": prompts_file is not None,
@@ -333,17 +334,26 @@ def foreign_plan(model: str | os.PathLike, seeds: Sequence[int], *, lora: str | 
                             "model": ident, "revision": rev},
                 "sampler": "ddim", "steps": int(steps), "guidance_scale": float(guidance), "eta": float(eta),
                 "batch": int(batch), "size": [res, res]}
+    # Prompts encoded once per run, each alone, where the pipeline is a StableDiffusionPipeline (other pipelines,
+    # e.g. SDXL's, encode each batch's prompts themselves).
+    encode_once = _read_json(root / "model_index.json").get("_class_name") == "StableDiffusionPipeline"
+    if encode_once:
+        settings["prompt_encoding"] = PROMPT_ENCODING
+    fuse = fuse and lora_file is not None
+    if fuse:  # sampling with the LoRA merged into the weights: the images change within rounding
+        settings["lora_fused"] = True
+    if compile:
+        settings["compile"] = True
 
     def load():
         pipe = load_pipeline(root, device=dev)
         if lora_file is not None:
             load_lora(pipe, lora_file)
         info["pipeline"] = type(pipe).__name__
-
-        def render(block: list[int], conds: list[dict]) -> np.ndarray:
-            return generate_images(pipe, [c["prompt"] for c in conds], block, resolution=res, steps=steps,
-                                   guidance_scale=guidance, eta=eta)
-        return render
+        if fuse:
+            fuse_lora(pipe.unet)
+        return sampling_renderer(pipe, resolution=res, steps=steps, guidance_scale=guidance, eta=eta,
+                                 compile=compile, encode_once=encode_once)
 
     return Plan(settings, condition, load, info)
 

@@ -1,6 +1,16 @@
 """`sdmem generate` for an SD run: DDIM (50 steps), safety checker off, classifier-free guidance 7.5, one seed per
 image (file name = seed), the plain prompt for every image or |seeds|/C per class; through the shared generation
-core (fixed seed grid, per-seed CPU noise, manifest, verified resume)."""
+core (fixed seed grid, per-seed CPU noise, manifest, verified resume).
+
+For speed (eval/bench_sd_speed.py): each distinct prompt (and the empty prompt of classifier-free guidance) is
+encoded once per run, alone, so its embedding never depends on the batch it came in (diffusers' own call encodes
+each batch's prompts together, and a batched GEMM may round a row differently: images within 1/255 of its, recorded
+as ``prompt_encoding`` in the manifest's settings); the conditional and unconditional halves go through the UNet in one call (diffusers' pipeline does
+that); the VAE decodes a whole block at once; PNGs are written by the generation core's writer thread. A LoRA is
+fused into the UNet's weights for sampling (``fuse_lora``: no LoRA matmuls per step), which changes the images
+within rounding (max 2/255 per pixel, recorded as ``lora_fused`` in the manifest's settings); ``compile=True``
+(``--compile``) runs the UNet through ``torch.compile`` (images equal within a tolerance, recorded as ``compile``).
+"""
 
 from __future__ import annotations
 
@@ -118,9 +128,55 @@ def checkpoint_step(run_dir: str | os.PathLike, snapshot: str) -> int:
     return step
 
 
+def fuse_lora(module) -> int:
+    """Merge every peft LoRA layer of ``module`` into its base layer's weights (as diffusers' ``fuse_lora`` and
+    peft's ``merge_and_unload`` do; here computed in float32 and cast back) and put the base layer back in its
+    place, so that a forward pass runs no LoRA matmul. Returns how many layers were fused."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [(n, m) for n, m in module.named_modules() if isinstance(m, BaseTunerLayer)]
+    with torch.no_grad():
+        for name, layer in layers:
+            base = layer.get_base_layer()
+            dtype = base.weight.dtype
+            layer.to(torch.float32)
+            layer.merge()  # the active adapters, with their scaling (alpha / rank, set_adapters weights)
+            base.to(dtype)
+            parent, _, child = name.rpartition(".")
+            setattr(module.get_submodule(parent) if parent else module, child, base)
+    return len(layers)
+
+
+PROMPT_ENCODING = "each prompt alone, once"  # the manifest's record of PromptEmbeddings' rule
+
+
+class PromptEmbeddings:
+    """The text embeddings of a pipeline's prompts, each distinct prompt encoded once and alone (by the pipeline's
+    own ``encode_prompt``), so its embedding never depends on which batch asked for it. The unconditional half of
+    classifier-free guidance is the empty prompt's embedding, as diffusers computes it."""
+
+    def __init__(self, pipe):
+        self.pipe, self.table = pipe, {}
+
+    @staticmethod
+    def supports(pipe) -> bool:
+        from diffusers import StableDiffusionPipeline
+
+        return isinstance(pipe, StableDiffusionPipeline)
+
+    def __call__(self, prompts: list[str]) -> torch.Tensor:
+        for text in dict.fromkeys(prompts):
+            if text not in self.table:
+                with torch.no_grad():
+                    self.table[text] = self.pipe.encode_prompt([text], self.pipe.unet.device, 1, False)[0]
+        return torch.cat([self.table[t] for t in prompts])
+
+
 def generate_images(pipe, prompts: list[str], seeds: list[int], *, resolution: int, steps: int, guidance_scale: float,
-                    eta: float = 0.0) -> np.ndarray:
-    """uint8 [n, R, R, 3]; image i starts from its own seed's noise drawn on the CPU, whatever the batch or device."""
+                    eta: float = 0.0, embeddings: PromptEmbeddings | bool | None = None) -> np.ndarray:
+    """uint8 [n, R, R, 3]; image i starts from its own seed's noise drawn on the CPU, whatever the batch or device.
+    A StableDiffusionPipeline gets its prompts as embeddings from ``embeddings`` (a run's table: each prompt encoded
+    once; by default a table for this call; False: the pipeline encodes the batch's prompts itself)."""
     device, dtype = pipe.unet.device, pipe.unet.dtype
     side = resolution // pipe.vae_scale_factor
     latents = seeded_latents(seeds, (pipe.unet.config.in_channels, side, side), device, dtype)
@@ -128,10 +184,32 @@ def generate_images(pipe, prompts: list[str], seeds: list[int], *, resolution: i
     if eta > 0:  # DDIM's per-step noise, per seed, on the CPU too
         gens = [torch.Generator("cpu").manual_seed(int(np.random.SeedSequence([int(s), _ETA_STREAM])
                                                        .generate_state(1, np.uint64)[0] >> 1)) for s in seeds]
+    if embeddings is None and PromptEmbeddings.supports(pipe):
+        embeddings = PromptEmbeddings(pipe)
+    text = {"prompt": prompts}
+    if embeddings:
+        text = {"prompt_embeds": embeddings(prompts), "negative_prompt_embeds": embeddings([""] * len(prompts))}
     with torch.no_grad():
-        out = pipe(prompts, num_inference_steps=steps, guidance_scale=guidance_scale, eta=eta, generator=gens,
+        out = pipe(**text, num_inference_steps=steps, guidance_scale=guidance_scale, eta=eta, generator=gens,
                    latents=latents, height=resolution, width=resolution, output_type="np").images
     return (np.clip(out, 0, 1) * 255).round().astype(np.uint8)
+
+
+def sampling_renderer(pipe, *, resolution: int, steps: int, guidance_scale: float, eta: float = 0.0,
+                      compile: bool = False, encode_once: bool = True) -> Callable[[list[int], list[dict]], np.ndarray]:
+    """The generation core's ``render(seeds, conditions)`` for a loaded pipeline: prompts encoded once per run
+    (``encode_once``; else by the pipeline, per batch), the UNet optionally compiled (``torch.compile``; the first
+    block then includes the compile time)."""
+    if encode_once and not PromptEmbeddings.supports(pipe):
+        raise RuntimeError(f"{type(pipe).__name__}: prompts are encoded once only for a StableDiffusionPipeline")
+    embeddings = PromptEmbeddings(pipe) if encode_once else False
+    if compile:
+        pipe.unet.compile()
+
+    def render(block: list[int], conds: list[dict]) -> np.ndarray:
+        return generate_images(pipe, [c["prompt"] for c in conds], block, resolution=resolution, steps=steps,
+                               guidance_scale=guidance_scale, eta=eta, embeddings=embeddings)
+    return render
 
 
 def check_options(*, steps: int, guidance: float, batch: int) -> None:
@@ -146,8 +224,10 @@ def check_options(*, steps: int, guidance: float, batch: int) -> None:
 
 def run_plan(run_dir: str | os.PathLike, seeds: list[int], *, snapshot: str = "final",
              class_label: str | int | None = "random", batch: int | None = None, steps: int | None = None,
-             guidance: float | None = None, device: str = "auto") -> Plan:
-    """The generation plan of an SD run (the pipeline loads only when images are missing)."""
+             guidance: float | None = None, device: str = "auto", fuse: bool = True, compile: bool = False) -> Plan:
+    """The generation plan of an SD run (the pipeline loads only when images are missing). ``fuse``: a LoRA run's
+    LoRA fused into the UNet for sampling; ``compile``: the UNet through torch.compile (both recorded in the
+    settings, as they change the images within rounding)."""
     cfg = read_run_config(run_dir, "sd")
     steps = cfg.generate.steps if steps is None else steps
     guidance = cfg.generate.guidance_scale if guidance is None else guidance
@@ -162,7 +242,12 @@ def run_plan(run_dir: str | os.PathLike, seeds: list[int], *, snapshot: str = "f
     res = cfg.data.resolution
     settings = {"made_by": {"kind": "sd", "fingerprint": fingerprint(cfg)}, "snapshot": snapshot,
                 "sampler": "ddim", "steps": steps, "guidance_scale": float(guidance), "eta": cfg.generate.eta,
-                "batch": batch, "size": [res, res]}
+                "batch": batch, "size": [res, res], "prompt_encoding": PROMPT_ENCODING}
+    fuse = fuse and cfg.model.method == "lora"
+    if fuse:
+        settings["lora_fused"] = True
+    if compile:
+        settings["compile"] = True
     info = {"run": str(Path(run_dir).resolve()), "device": dev, "prompt_mode": cfg.data.prompt}
 
     def load():
@@ -170,11 +255,10 @@ def run_plan(run_dir: str | os.PathLike, seeds: list[int], *, snapshot: str = "f
         pipe, _, weights = load_run_pipeline(run_dir, snapshot=snapshot.removeprefix("step "), device=dev,
                                              dtype=dtype)
         info["weights"] = weights
-
-        def render(block: list[int], conds: list[dict]) -> np.ndarray:
-            return generate_images(pipe, [c["prompt"] for c in conds], block, resolution=res, steps=steps,
-                                   guidance_scale=guidance, eta=cfg.generate.eta)
-        return render
+        if fuse:
+            fuse_lora(pipe.unet)
+        return sampling_renderer(pipe, resolution=res, steps=steps, guidance_scale=guidance, eta=cfg.generate.eta,
+                                 compile=compile)
 
     return Plan(settings, condition, load, info)
 
@@ -182,11 +266,11 @@ def run_plan(run_dir: str | os.PathLike, seeds: list[int], *, snapshot: str = "f
 def generate_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, seeds: list[int],
                  snapshot: str = "final", class_label: str | int | None = "random", batch: int | None = None,
                  steps: int | None = None, guidance: float | None = None, device: str = "auto",
-                 progress: bool = True) -> int:
+                 progress: bool = True, fuse: bool = True, compile: bool = False) -> int:
     """Write ``{seed:06d}.png`` for every seed not already done in ``out_dir`` (and its manifest); returns how many
     were new. Defaults: the run's generate section (DDIM 50 steps, guidance 7.5, its batch). A flagged replica is
     regenerated with its seed and class (``seeds=[s]``, ``class_label=c`` from manifest.json) into a new folder
     with the same batch: its grid block is re-rendered, so the image is the same."""
     plan = run_plan(run_dir, seeds, snapshot=snapshot, class_label=class_label, batch=batch, steps=steps,
-                    guidance=guidance, device=device)
+                    guidance=guidance, device=device, fuse=fuse, compile=compile)
     return generate_folder(out_dir, seeds, plan, progress=progress)
