@@ -31,9 +31,17 @@ def sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def sd1_shaped_components():
+def _width(c: int, scale: float, group: int) -> int:
+    return max(group, group * round(c * scale / group))
+
+
+def sd1_shaped_components(scale: float = 1.0):
     """Stable Diffusion v1 / miniSD's architecture (UNet 860M, VAE 84M, CLIP ViT-L/14 text encoder 123M) with
-    random weights, built in memory: the same FLOPs as the real model, so the same cache ratio, with no download."""
+    random weights, built in memory: the same FLOPs as the real model, so the same cache ratio, with no download.
+
+    ``scale`` < 1 keeps the layout (UNet block types, two layers per block, attention at the first three levels,
+    8 heads, a 4-level VAE, a 12-layer CLIP text encoder with 77 positions) and multiplies every width by it
+    (UNet widths rounded to multiples of 32, VAE widths to multiples of 8, text heads of width 64·scale)."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -41,14 +49,20 @@ def sd1_shaped_components():
     from sdmem.sd.tiny import tiny_tokenizer
 
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(sample_size=32, cross_attention_dim=768, attention_head_dim=8,
-                                block_out_channels=(320, 640, 1280, 1280), layers_per_block=2)
-    vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+    head = max(2, round(64 * scale))
+    text_width = 12 * head
+    unet = UNet2DConditionModel(sample_size=32, cross_attention_dim=text_width, attention_head_dim=8,
+                                block_out_channels=tuple(_width(c, scale, 32) for c in (320, 640, 1280, 1280)),
+                                layers_per_block=2)
+    vae_group = 32 if scale == 1 else 8
+    vae = AutoencoderKL(block_out_channels=tuple(_width(c, scale, vae_group) for c in (128, 256, 512, 512)),
+                        layers_per_block=2, latent_channels=4, norm_num_groups=vae_group,
                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
                         sample_size=256)
-    text = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_attention_heads=12,
-                                        num_hidden_layers=12, vocab_size=49408, max_position_embeddings=77,
-                                        projection_dim=768, hidden_act="quick_gelu"))
+    text = CLIPTextModel(CLIPTextConfig(hidden_size=text_width, intermediate_size=4 * text_width,
+                                        num_attention_heads=12, num_hidden_layers=12, vocab_size=49408,
+                                        max_position_embeddings=77, projection_dim=text_width,
+                                        hidden_act="quick_gelu"))
     sched = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
     for m in (vae, text):
         m.requires_grad_(False).eval()
