@@ -115,3 +115,8 @@ def test_a_compiled_unet_keeps_the_images_within_rounding(model, reference, one_
     fuse_lora(pipe.unet)
     render = sampling_renderer(pipe, compile=True, **KW)  # about a minute of compiling on a CPU
     within_rounding(render(SEEDS, [{"prompt": p} for p in PROMPTS]), reference)
+
+
+def test_compile_is_for_sd_only(tiny_edm_run, tmp_path, cli):
+    r = cli("generate", tiny_edm_run, "--num", 2, "--out", tmp_path / "g", "--compile")
+    assert r.code == 2 and "--compile" in r.err and not (tmp_path / "g").exists()
