@@ -27,11 +27,16 @@ _BOUNDS = {"ge": (operator.ge, ">="), "gt": (operator.gt, ">"), "le": (operator.
 
 
 def setting(default: Any = _MISSING, *, training: bool = True, aliases: dict | None = None, factory=None,
-            since_default: bool = False, **bounds):
+            since_default: bool = False, before: Any = _MISSING, **bounds):
     """A config field with bounds (ge/gt/le/lt, on each element of a list); ``training=False``: not hashed.
-    ``since_default``: a training key added later, left out of the fingerprint at its default, so runs made
-    before it existed keep their fingerprint (and resume)."""
-    meta = {"training": training, "aliases": aliases or {}, "bounds": bounds, "since_default": since_default}
+
+    A training key added later says how runs made before it existed trained: ``since_default`` (as its
+    default) or ``before=VALUE`` (as VALUE, when the default is a new behaviour). The key is left out of the
+    fingerprint at that value, so those runs keep their fingerprint, and their stored config reads it as that
+    value (:func:`stored_config`): resuming one with a config that differs there is refused, naming the key."""
+    if since_default and before is _MISSING:
+        before = default
+    meta = {"training": training, "aliases": aliases or {}, "bounds": bounds, "before": before}
     return field(default=default, default_factory=factory or _MISSING, metadata=meta)
 
 
@@ -249,15 +254,33 @@ def fingerprint(cfg) -> str:
 
 
 def _since_defaults(cls: type, prefix: str = "") -> dict:
-    """{dotted key: default} of the training keys marked ``since_default``."""
+    """{dotted key: value before the key existed} of the training keys added later."""
     out, hints = {}, typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         dotted = f"{prefix}.{f.name}" if prefix else f.name
         if dataclasses.is_dataclass(hints[f.name]):
             out.update(_since_defaults(hints[f.name], dotted))
-        elif f.metadata.get("since_default"):
-            out[dotted] = f.default
+        elif f.metadata.get("before", _MISSING) is not _MISSING:
+            out[dotted] = f.metadata["before"]
     return out
+
+
+def stored_config(cls: type, data: Mapping, where: str = ""):
+    """The config a run folder recorded (its config.json): keys added after it was written read as the value
+    runs had before them (``setting(before=...)``), not as today's default."""
+    def fill(tp, raw):
+        if not isinstance(raw, Mapping):
+            return raw
+        out, hints = dict(raw), typing.get_type_hints(tp)
+        for f in dataclasses.fields(tp):
+            if dataclasses.is_dataclass(hints[f.name]):
+                if f.name in out:
+                    out[f.name] = fill(hints[f.name], out[f.name])
+            elif f.name not in out and f.metadata.get("before", _MISSING) is not _MISSING:
+                out[f.name] = f.metadata["before"]
+        return out
+
+    return config_from_dict(cls, fill(cls, data), where)
 
 
 def changed_training_keys(old, new) -> list[str]:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Sequence
 
 from . import config as _engine
-from .config import changed_training_keys, config_from_dict, config_to_dict
+from .config import changed_training_keys, config_to_dict, stored_config
 from .edm.config import EDMConfig
 from .errors import InputError
 from .sd.config import SDConfig
@@ -118,7 +118,7 @@ def read_run_config(run_dir: str | os.PathLike, kind: str | None = None):
     if kind is not None and found != kind:
         raise InputError(run_dir, f"holds a run of kind {found}, not {kind}")
     path = RunPaths(run_dir).config
-    return config_from_dict(KINDS[found], read_json(path, "run config"), str(path))
+    return stored_config(KINDS[found], read_json(path, "run config"), str(path))
 
 
 def check_reuse(cfg, paths: RunPaths) -> None:
@@ -130,7 +130,7 @@ def check_reuse(cfg, paths: RunPaths) -> None:
             raise InputError(paths.root, f"holds a run of kind {kind!r}, not {cfg.kind}; refusing to reuse this "
                                          "folder: use another out_dir")
         try:
-            stored = config_from_dict(type(cfg), raw, str(paths.config))
+            stored = stored_config(type(cfg), raw, str(paths.config))
         except InputError as exc:
             raise InputError(paths.root, f"holds an unreadable or foreign run config ({exc}); refusing to reuse "
                                          "this folder") from None

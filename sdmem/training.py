@@ -49,14 +49,15 @@ def update_ema(ema: list, params: list, decay: float) -> None:
 
 
 def make_optimizer(params: list, *, lr: float, weight_decay: float, decoupled: bool, betas=(0.9, 0.999),
-                   eps: float = 1e-8):
+                   eps: float = 1e-8, fused: bool = False):
     """Adam over the trainable parameters only: with L2 weight decay added to the gradient (the paper's EDM
-    trainer, Sec. 5) or decoupled AdamW (the SD fine-tune, Appendix G)."""
+    trainer, Sec. 5) or decoupled AdamW (the SD fine-tune, Appendix G). ``fused``: torch's fused kernel (the
+    same update up to rounding, deterministic, so resume stays bitwise); otherwise torch's default choice."""
     import torch
 
     params = [p for p in params if p.requires_grad]
     cls = torch.optim.AdamW if decoupled else torch.optim.Adam
-    return cls(params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+    return cls(params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, **({"fused": True} if fused else {}))
 
 
 def set_tf32(enabled: bool) -> None:

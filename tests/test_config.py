@@ -208,3 +208,39 @@ def test_a_training_key_added_later_keeps_old_fingerprints_at_its_default(tmp_pa
     before = hashlib.sha256(json.dumps(flat, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
     assert cfg.train.ema_rule == "batch_scaled" and fingerprint(cfg) == before  # as runs made before the key
     assert fingerprint(apply_overrides(cfg, ["train.ema_rule=per_step"])) != before
+
+
+@pytest.mark.parametrize("kind", ["edm", "sd"])
+def test_a_key_whose_default_is_a_new_behaviour_reads_old_runs_as_they_trained(tmp_path, kind):
+    """train.fused_adam (default on) was added later: a run folder recorded without it trained with torch's default
+    Adam, so it keeps its fingerprint, reads back as fused_adam=false, and resuming it with today's default is
+    refused naming the key, while the old setting resumes it."""
+    import hashlib
+
+    from sdmem.config import flatten_config, stored_config
+    from sdmem.errors import InputError
+    from sdmem.runs import KINDS, RunPaths, check_reuse, config_from_mapping
+
+    raw = yaml.safe_load(BASIC) if kind == "edm" else {
+        "kind": "sd", "out_dir": "x", "data": {"source": "imagenette", "size": 100}}
+    raw["out_dir"] = str(tmp_path / "run")
+    cfg = config_from_mapping(raw)
+    assert cfg.train.fused_adam is True
+    old_record = config_to_dict(cfg)
+    del old_record["train"]["fused_adam"]  # config.json as runs made before the key wrote it
+    keep = training_keys(KINDS[kind]) - {"train.fused_adam", "train.ema_rule"} - cfg.ignored_keys()  # (ema_rule:
+    # an older key added later, at its old value here)
+    flat = {k: v for k, v in flatten_config(cfg).items() if k in keep}
+    old_fingerprint = hashlib.sha256(json.dumps(flat, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+    stored = stored_config(KINDS[kind], old_record)
+    assert stored.train.fused_adam is False and fingerprint(stored) == old_fingerprint
+    assert fingerprint(cfg) != old_fingerprint
+    assert config_from_dict(KINDS[kind], old_record).train.fused_adam is True  # a user's config: today's default
+
+    paths = RunPaths(tmp_path / "run")
+    paths.root.mkdir()
+    paths.config.write_text(json.dumps(old_record))
+    with pytest.raises(InputError, match="train.fused_adam"):
+        check_reuse(cfg, paths)
+    check_reuse(apply_overrides(cfg, ["train.fused_adam=false"]), paths)  # the old setting resumes it

@@ -208,3 +208,16 @@ def test_accelerate_launch_two_cpu_processes(tmp_path):
     run = tmp_path / "ddp"
     assert (run / "checkpoint.safetensors").exists() and len((run / "tracking.jsonl").read_text().splitlines()) == 1
     assert out.stdout.count("trained 4 steps") == 1  # one summary line per run, not per process
+
+
+def test_fused_adam_changes_the_update_by_rounding_only(tmp_path):
+    """train.fused_adam (the default) against torch's default Adam: the same training up to float rounding."""
+    runs = {}
+    for name, fused in (("fused", "true"), ("default", "false")):
+        cfg, _ = tiny_config(tmp_path, name, epochs=4)
+        train(apply_overrides(cfg, [f"train.fused_adam={fused}"]), progress=False)
+        runs[name] = _weights(tmp_path / name / "checkpoint.safetensors")
+    a, b = runs["fused"], runs["default"]
+    assert a.keys() == b.keys()
+    nets = [k for k in a if k.startswith("net.")]
+    assert nets and all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in nets)

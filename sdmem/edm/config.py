@@ -71,6 +71,9 @@ class TrainConfig(Section):
     # 512 images, i.e. a fixed half-life in images (EDM's 500 kimg). Equal at batch 512. Both ramp up in warm-up.
     ema_rule: Literal["per_step", "batch_scaled"] = setting("batch_scaled", since_default=True)
     precision: Literal["fp32", "tf32", "bf16"] = setting("fp32")
+    # torch's fused Adam kernel (one pass over every tensor): updates differ from the default implementation by
+    # rounding only. Runs made before this key used torch's default (for-loop on CPU, foreach on CUDA).
+    fused_adam: bool = setting(True, before=False)
     snapshot_epochs: int = setting(1000, ge=1, training=False)  # EMA snapshot (+ memorization tracking)
     snapshot_kimg: Optional[int] = setting(None, ge=1, training=False)  # instead: every N thousand images (2500)
     checkpoint_epochs: int = setting(500, ge=1, training=False)  # full resumable state

@@ -11,7 +11,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ..config import config_from_dict, config_to_dict
+from ..config import config_to_dict, stored_config
 from ..runs import RunPaths
 from ..errors import InputError
 from ..utils import atomic_write
@@ -65,7 +65,7 @@ def snapshot_info(path: Path) -> tuple[EDMConfig, dict]:
     """(config, metadata with int epoch/step/nimg/img_resolution/label_dim) of an EMA snapshot, weights unread."""
     meta = read_safetensors_meta(path, SNAPSHOT_FORMAT)
     try:
-        cfg = config_from_dict(EDMConfig, json.loads(meta["config"]), f"{path}: metadata config")
+        cfg = stored_config(EDMConfig, json.loads(meta["config"]), f"{path}: metadata config")
         ints = {k: int(meta[k]) for k in ("epoch", "step", "nimg", "img_resolution", "label_dim")}
     except (KeyError, ValueError) as exc:
         raise InputError(path, f"snapshot metadata is incomplete or corrupt ({exc.__class__.__name__}: {exc})") \

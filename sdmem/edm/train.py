@@ -196,7 +196,7 @@ def train(cfg: EDMConfig, *, progress: bool = True) -> dict:
     net = build_denoiser(cfg, res, label_dim).to(device).train()
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     optimizer = make_optimizer(list(net.parameters()), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
-                               decoupled=False)
+                               decoupled=False, fused=cfg.train.fused_adam)
     step = _load_checkpoint(cfg, paths, net, ema, optimizer)
 
     # Now that everything checked out, write the run folder (config and the exact subset D), and drop log rows

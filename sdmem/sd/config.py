@@ -69,6 +69,9 @@ class SDTrainConfig(Section):
     adam_beta2: float = setting(0.999, ge=0.0, lt=1.0)
     adam_eps: float = setting(1e-8, gt=0.0)
     max_grad_norm: float = setting(1.0, ge=0.0)  # 0: no clipping
+    # torch's fused AdamW kernel (one pass over every trained tensor; 3.8x faster than the default on CPU): updates
+    # differ from the default implementation by rounding only. Runs made before this key used torch's default.
+    fused_adam: bool = setting(True, before=False)
     ema: bool = setting(True)  # EMA of the trained weights (the LoRA's, for LoRA)
     ema_decay: float = setting(0.9999, ge=0.0, lt=1.0)  # cap of diffusers' EMA warm-up min(decay, k / (k + 9))
     mixed_precision: Literal["no", "fp16", "bf16"] = setting("no", aliases={"false": "no"})

@@ -167,7 +167,7 @@ class SDTrainer:
         self.ema = [p.detach().clone().float() for p in self.params] if cfg.train.ema else None
         t = cfg.train
         self.optimizer = make_optimizer(self.params, lr=t.lr, weight_decay=t.weight_decay, decoupled=True,
-                                        betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps)
+                                        betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps, fused=t.fused_adam)
         self.lr_scheduler = get_scheduler(t.lr_schedule, self.optimizer, num_warmup_steps=t.lr_warmup_steps,
                                           num_training_steps=self.total)
         self.step, scaler_state = load_checkpoint(cfg, self.paths, self.device, self.named, self.ema, self.optimizer,

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..config import changed_training_keys, config_from_dict, config_to_dict, fingerprint, read_yaml_mapping
+from ..config import changed_training_keys, config_to_dict, fingerprint, read_yaml_mapping, stored_config
 from ..errors import InputError
 from ..runs import KINDS, RunPaths, config_from_mapping, read_json
 from ..utils import atomic_write_text
@@ -311,7 +311,7 @@ def check_point(spec: Spec, p: Point) -> None:
         raise InputError(p.dir, "holds a point of another kind or an unreadable point.json; use another out_dir")
     new = _point_record(spec, p)
     if old.get("fingerprint") != new["fingerprint"]:
-        stored = config_from_dict(KINDS[p.config.kind], old["config"], str(path))
+        stored = stored_config(KINDS[p.config.kind], old["config"], str(path))
         keys = changed_training_keys(stored, p.config) or ["the training config"]
         raise InputError(p.dir, f"was trained with other settings ({', '.join(keys)} differ); the spec changed a "
                                 "finished or started point: restore it or use another out_dir")
