@@ -74,23 +74,9 @@ def run_plan(run_dir: str | os.PathLike, *, snapshot: str = "latest", class_labe
     sigma_min = cfg.track.sigma_min  # never below the network's trained σ range (the run's own setting)
     settings = {"made_by": {"kind": "edm", "fingerprint": fingerprint(cfg)}, "snapshot": f"epoch {meta['epoch']}",
                 "sampler": "edm-heun", "steps": steps, "sigma_min": sigma_min, "batch": batch, "size": [res, res]}
-
-    def condition(seed: int) -> dict:
-        if not label_dim:
-            return {}
-        return {"class": fixed if fixed is not None else int(seeded_class_labels([seed], label_dim)[0])}
-
-    def load():
-        net, _, _ = load_snapshot(path, dev)
-
-        def render(seeds: list[int], conds: list[dict]) -> np.ndarray:
-            labels = torch.tensor([c["class"] for c in conds], dtype=torch.int64) if label_dim else None
-            return generate_images(net, seeds, resolution=res, label_dim=label_dim, device=dev, batch=len(seeds),
-                                   steps=steps, labels=labels, sigma_min=sigma_min)
-        return render
-
     info = {"run": str(Path(run_dir).resolve()), "snapshot_file": path.name, "device": dev}
-    return Plan(settings, condition, load, info)
+    return _denoiser_plan(settings, info, lambda: load_snapshot(path, dev)[0], label_dim=label_dim, fixed=fixed,
+                          res=res, dev=dev, steps=steps, sigma_min=sigma_min)
 
 
 def pickle_plan(path: str | os.PathLike, *, class_label: str | int | None = "random", batch: int = 256,
@@ -114,24 +100,31 @@ def pickle_plan(path: str | os.PathLike, *, class_label: str | int | None = "ran
             digest.update(chunk)
     settings = {"made_by": {"kind": "edm-pickle", "sha256": digest.hexdigest()}, "snapshot": path.name,
                 "sampler": "edm-heun", "steps": steps, "sigma_min": sigma_min, "batch": batch, "size": [res, res]}
+    keep = ("class_name", "precond", "arch", "source_version", "source_match")
+    return _denoiser_plan(settings, {"pickle": str(path.resolve()), "device": dev, **{k: info.get(k) for k in keep}},
+                          lambda: net.to(dev), label_dim=label_dim, fixed=fixed, res=res, dev=dev, steps=steps,
+                          sigma_min=sigma_min)
 
+
+def _denoiser_plan(settings: dict, info: dict, get_net, *, label_dim: int, fixed: int | None, res: int, dev,
+                   steps: int, sigma_min: float) -> Plan:
+    """The plan of an EDM denoiser (``get_net()`` loads it when images are missing): seeded classes (or the fixed
+    one) per seed, EDM's Heun sampler per block."""
     def condition(seed: int) -> dict:
         if not label_dim:
             return {}
         return {"class": fixed if fixed is not None else int(seeded_class_labels([seed], label_dim)[0])}
 
     def load():
-        model = net.to(dev)
+        net = get_net()
 
         def render(seeds: list[int], conds: list[dict]) -> np.ndarray:
             labels = torch.tensor([c["class"] for c in conds], dtype=torch.int64) if label_dim else None
-            return generate_images(model, seeds, resolution=res, label_dim=label_dim, device=dev, batch=len(seeds),
+            return generate_images(net, seeds, resolution=res, label_dim=label_dim, device=dev, batch=len(seeds),
                                    steps=steps, labels=labels, sigma_min=sigma_min)
         return render
 
-    keep = ("class_name", "precond", "arch", "source_version", "source_match")
-    return Plan(settings, condition, load, {"pickle": str(path.resolve()), "device": dev,
-                                            **{k: info.get(k) for k in keep}})
+    return Plan(settings, condition, load, info)
 
 
 def generate_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, seeds: list[int],
