@@ -840,8 +840,10 @@ class _Staged:
         import queue
         import threading
 
-        self._blocks, self._dtype, self._device = blocks, dtype, device
         self._cuda = device is not None and device.type == "cuda"
+        if self._cuda and device.index is None:  # the reader thread must use this thread's GPU (set per thread)
+            device = torch.device("cuda", torch.cuda.current_device())
+        self._blocks, self._dtype, self._device = blocks, dtype, device
         self._stream = torch.cuda.Stream(device) if self._cuda else None
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
@@ -864,6 +866,8 @@ class _Staged:
 
     def _read(self) -> None:
         try:
+            if self._cuda:
+                torch.cuda.set_device(self._device)
             for start, block in self._blocks:
                 item = ("ok", self._stage(start, block))
                 while not self._stop.is_set():
