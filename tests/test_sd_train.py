@@ -271,3 +271,37 @@ def test_lora_save_then_load_is_exact(tmp_path, assets):
     kw = dict(resolution=32, steps=3, guidance_scale=7.5)
     a = generate_images(trained, ["a picture"] * 2, [0, 1], **kw)
     assert np.array_equal(a, generate_images(fresh, ["a picture"] * 2, [0, 1], **kw))
+
+
+def _train_in_process(tmp, name, assets, **train):
+    from sdmem.runs import load_config
+    from sdmem.sd.train import train as sd_train
+
+    path = write_config(tmp, name, assets, train={"images_seen": 16, "gradient_accumulation": 1,
+                                                  "validation_every_steps": 0, **train})
+    summary = sd_train(load_config(path), progress=False)
+    ckpt = max((tmp / name / "checkpoints").glob("step-*"))
+    from safetensors.torch import load_file
+
+    return summary, load_file(str(ckpt / "state.safetensors"))
+
+
+def _assert_same_training_up_to_rounding(a, b):
+    (sa, wa), (sb, wb) = a, b
+    assert sa["steps"] == sb["steps"] == 4 and sa["loss"] == pytest.approx(sb["loss"], rel=1e-4)
+    assert wa.keys() == wb.keys()
+    for k in wa:  # Adam normalises each update, so a gradient near zero may move differently: bound mean and max
+        x, y = wa[k].float(), wb[k].float()
+        assert (x - y).abs().mean() <= 1e-3 * x.abs().mean() + 1e-12, k
+        assert (x - y).abs().max() <= 2e-2 * x.abs().max() + 1e-12, k
+
+
+def test_channels_last_trains_the_same_up_to_rounding(tmp_path, assets):
+    _assert_same_training_up_to_rounding(_train_in_process(tmp_path, "plain", assets),
+                                         _train_in_process(tmp_path, "cl", assets, channels_last=True))
+
+
+@pytest.mark.slow  # compiling the tiny UNet's forward and backward takes minutes on 2 CPU cores
+def test_compiled_unet_trains_the_same_up_to_rounding(tmp_path, assets):
+    _assert_same_training_up_to_rounding(_train_in_process(tmp_path, "plain", assets),
+                                         _train_in_process(tmp_path, "compiled", assets, compile=True))

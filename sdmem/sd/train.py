@@ -185,6 +185,10 @@ class SDTrainer:
         self.done = self.step >= self.total and self.paths.final.exists()
         if self.done:
             return
+        if t.channels_last:
+            comps.unet.to(memory_format=torch.channels_last)
+        if t.compile:
+            comps.unet.compile()  # in place: the module, its parameters and their names stay the same
         self.ddp_unet = acc.prepare_model(comps.unet)
         self.opt = acc.prepare_optimizer(self.optimizer)
         if scaler_state and acc.scaler is not None:
