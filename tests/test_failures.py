@@ -2,7 +2,6 @@
 and the problem, no traceback, and nothing half-written. (Reader and archive failures: test_failures_data.py.)"""
 
 import errno
-import json
 import shutil
 
 import numpy as np

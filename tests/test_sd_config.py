@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 from PIL import Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
