@@ -29,6 +29,7 @@ the ratios are measured in the same run. On a GPU try --scale 1 (miniSD's sizes)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -174,6 +175,17 @@ def train_diffusers(model: Path, images: np.ndarray, prompts: list[str], labels:
         unet.requires_grad_(False)
         unet.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.rank, init_lora_weights="gaussian",
                                     target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+    autocast = contextlib.nullcontext()
+    if args.precision != "no":  # as the example scripts do: frozen weights in the half dtype, trained ones in fp32
+        half = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
+        text.to(dtype=half)
+        vae.to(dtype=half)
+        if args.method == "lora":
+            unet.to(dtype=half)
+            for p in unet.parameters():
+                if p.requires_grad:
+                    p.data = p.data.float()
+        autocast = torch.autocast(torch.device(device).type, dtype=half)
     unet.train()
     params = [p for p in unet.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-6)
@@ -190,10 +202,10 @@ def train_diffusers(model: Path, images: np.ndarray, prompts: list[str], labels:
                 x = (pixels[idx].float() / 127.5 - 1).to(device)
                 ids = tok([prompts[labels[i]] for i in idx], padding="max_length", max_length=tok.model_max_length,
                           truncation=True, return_tensors="pt").input_ids.to(device)
-            with clock.stage("VAE/text encode"), torch.no_grad():
+            with clock.stage("VAE/text encode"), torch.no_grad(), autocast:
                 latents = vae.encode(x).latent_dist.sample() * vae.config.scaling_factor
                 hidden = text(ids, return_dict=False)[0]
-            with clock.stage("loss step"):
+            with clock.stage("loss step"), autocast:
                 noise = torch.randn_like(latents)
                 t = torch.randint(0, sched.config.num_train_timesteps, (len(latents),), device=device)
                 pred = unet(sched.add_noise(latents, noise, t), t, hidden, return_dict=False)[0]
@@ -327,6 +339,8 @@ def main() -> None:
     p.add_argument("--method", default="lora", choices=["lora", "full"])
     p.add_argument("--rank", type=int, help="LoRA rank (default: 256 x scale, the paper's r = 256 in proportion)")
     p.add_argument("--batch", type=int, default=4, help="images per training step")
+    p.add_argument("--precision", default="no", choices=["no", "bf16", "fp16"],
+                   help="training precision of both paths (sdmem's train.mixed_precision; autocast for the other)")
     p.add_argument("--train-steps", type=int, default=3, help="timed training steps per path")
     p.add_argument("--warmup", type=int, default=1, help="untimed training steps first")
     p.add_argument("--checkpoint-every", type=int, default=500, help="steps per checkpoint (sdmem's default)")
@@ -370,14 +384,14 @@ def main() -> None:
         threads = f"{torch.get_num_threads()} threads" if device == "cpu" else torch.cuda.get_device_name()
         print(f"SD v1 layout x{args.scale}: UNet {n['unet']:.1f}M, VAE {n['vae']:.1f}M, text encoder "
               f"{n['text_encoder']:.1f}M params; {args.resolution}x{args.resolution}, {args.method}"
-              + (f" r{args.rank}" if args.method == "lora" else "") + f", fp32, {device} ({threads})")
+              + (f" r{args.rank}" if args.method == "lora" else "") + f", training precision {args.precision}, {device} ({threads})")
 
         total = args.warmup + args.train_steps
         cfg = {"kind": "sd", "seed": 0, "out_dir": str(work / "run"),
                "data": {"source": str(data), "size": 20, "resolution": args.resolution, "prompt": "class"},
                "model": {"pretrained": str(model), "method": args.method, "rank": args.rank},
                "train": {"images_seen": total * args.batch, "batch_size": args.batch, "gradient_accumulation": 1,
-                         "checkpoint_steps": 10 ** 6, "mixed_precision": "no", "ema": True,
+                         "checkpoint_steps": 10 ** 6, "mixed_precision": args.precision, "ema": True,
                          "validation_every_steps": 0},
                "generate": {"steps": args.gen_steps}}
         ours, ours_per, run = train_sdmem(cfg, args, device)

@@ -13,7 +13,7 @@ timeout 120 python3 eval/bench_audit.py --devices cuda --backends int8 torch --r
 echo "== audit benchmark, SD scale, cuda"
 timeout 90 python3 eval/bench_audit.py --sd --devices cuda --backends int8 torch --no-cli --repeat 2 2>&1 | grep -v "running\|^    "
 echo "== SD training and generation at miniSD sizes, 256x256, cuda (needs the diffusers wheel carried)"
-timeout 180 python3 eval/bench_sd_speed.py --scale 1 --resolution 256 --device cuda --train-steps 5 --gen-steps 25 2>&1 | grep -v Warn | tail -8
+timeout 180 python3 eval/bench_sd_speed.py --scale 1 --resolution 256 --precision bf16 --device cuda --train-steps 5 --gen-steps 25 2>&1 | grep -v Warn | tail -8
 echo "== demo on cuda"
 timeout 60 python3 -m sdmem demo --device cuda --out "$OUT/demo" 2>&1 | grep -v "it/s\|block/s"
 } 2>&1 | tee "$OUT/log"
