@@ -204,7 +204,7 @@ def sampling_renderer(pipe, *, resolution: int, steps: int, guidance_scale: floa
         raise RuntimeError(f"{type(pipe).__name__}: prompts are encoded once only for a StableDiffusionPipeline")
     embeddings = PromptEmbeddings(pipe) if encode_once else False
     if compile:
-        pipe.unet.compile()
+        pipe.unet.compile(dynamic=False)  # static shapes: dynamic ones broke inductor on the UNet
 
     def render(block: list[int], conds: list[dict]) -> np.ndarray:
         return generate_images(pipe, [c["prompt"] for c in conds], block, resolution=resolution, steps=steps,

@@ -188,7 +188,9 @@ class SDTrainer:
         if t.channels_last:
             comps.unet.to(memory_format=torch.channels_last)
         if t.compile:
-            comps.unet.compile()  # in place: the module, its parameters and their names stay the same
+            # In place (the module, its parameters and their names stay); static shapes: recompiling with dynamic
+            # shapes (after another compiled run of the UNet in this process) broke inductor on the UNet.
+            comps.unet.compile(dynamic=False)
         self.ddp_unet = acc.prepare_model(comps.unet)
         self.opt = acc.prepare_optimizer(self.optimizer)
         if scaler_state and acc.scaler is not None:
