@@ -57,7 +57,8 @@ def make_optimizer(params: list, *, lr: float, weight_decay: float, decoupled: b
 
     params = [p for p in params if p.requires_grad]
     cls = torch.optim.AdamW if decoupled else torch.optim.Adam
-    return cls(params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, **({"fused": True} if fused else {}))
+    return cls(params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+               **({"fused": True} if fused else {}))
 
 
 def set_tf32(enabled: bool) -> None:
@@ -93,23 +94,37 @@ def check_world(batch_size: int, world: int) -> int:
     return batch_size // world
 
 
-def start_processes(timeout_hours: float = 24.0) -> None:
-    """Set up the process group once, for a job that runs several trainings in one launch (a sweep).
+def start_processes(timeout_hours: float = 24.0, *, cpu: bool | None = None) -> None:
+    """Set up the process group of this launch once (accelerate's ``PartialState``: gloo on CPU, NCCL with GPUs),
+    unless it already is; it then lives until the process exits, where it is destroyed.
 
-    The group then lives until the process exits: every run's ``Accelerator`` finds it set up. Re-creating it
-    between runs is racy (torch restarts its group names, and a rank that arrives early at the second set-up can
-    read the first one's rendezvous keys from the launcher's store and hang). The long timeout lets the other
-    ranks wait at the next run's first collective while rank 0 generates and audits alone."""
+    Jobs that run several trainings in one launch (a sweep), or a training after an audit, find it set up.
+    Re-creating it within a launch is racy (torch restarts its group names, and a rank that arrives early at the
+    second set-up can read the first one's rendezvous keys from the launcher's store and hang). The long timeout
+    lets the other ranks wait at the next collective while rank 0 generates and audits alone."""
     import datetime
 
     import torch
     from accelerate import PartialState
 
+    cpu = not torch.cuda.is_available() if cpu is None else cpu
     if torch.distributed.is_available() and not torch.distributed.is_initialized():
-        PartialState(cpu=not torch.cuda.is_available(), timeout=datetime.timedelta(hours=timeout_hours))
+        PartialState(cpu=cpu, timeout=datetime.timedelta(hours=timeout_hours), **({"backend": "gloo"} if cpu else {}))
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        _destroy_at_exit()
 
 
 _EXIT_HOOKED = False
+
+
+def _destroy_at_exit() -> None:
+    """Destroy the process group when the process exits (registered once)."""
+    import atexit
+
+    global _EXIT_HOOKED
+    if not _EXIT_HOOKED:
+        atexit.register(_destroy_group)
+        _EXIT_HOOKED = True
 
 
 def _destroy_group() -> None:
@@ -123,11 +138,8 @@ def finish_accelerator(acc) -> None:
     """End one run cleanly: a barrier, the trackers closed, and accelerate's singletons reset so that a next run
     in this process (a sweep's next point) builds its own state. The process group itself is kept and destroyed
     when the process exits (see ``start_processes``)."""
-    import atexit
-
     import torch
 
-    global _EXIT_HOOKED
     acc.wait_for_everyone()
     if acc.is_main_process:
         for tracker in acc.trackers:
@@ -136,6 +148,4 @@ def finish_accelerator(acc) -> None:
         from accelerate.state import AcceleratorState
 
         AcceleratorState._reset_state(reset_partial_state=True)
-        if not _EXIT_HOOKED:
-            atexit.register(_destroy_group)
-            _EXIT_HOOKED = True
+        _destroy_at_exit()

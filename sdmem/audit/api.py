@@ -168,8 +168,8 @@ def audit_distributed(train, generated, *, out: str | os.PathLike | None = None,
     Under one, each process streams its contiguous share of the training set against all generated images;
     candidates and duplicates are merged exactly across processes (see :mod:`sdmem.audit.shard`), so flags,
     distances and neighbours are identical to a single-process audit. torch.distributed is initialised
-    through accelerate's ``PartialState`` when needed (and then torn down at the end). Every process must
-    call this with the same arguments.
+    through accelerate's ``PartialState`` when needed (and destroyed when the process exits). Every process
+    must call this with the same arguments.
 
     Returns:
         The report on the main process (rank 0), which alone writes ``out``; None on the others.

@@ -293,10 +293,6 @@ class _Int8Engine:
         self._buf = torch.empty(0, dtype=torch.int32, device=device)  # reused GEMM output
         self._acc = torch.empty(0, dtype=torch.int64, device=device)  # reused int64 key (huge D)
 
-    def upload(self, x_u8: np.ndarray) -> torch.Tensor:
-        """A training block on the engine's device (see :class:`_Staged` for the prefetched GPU copy)."""
-        return _as_tensor(x_u8).to(self.device)
-
     def sketch(self, xd: torch.Tensor) -> np.ndarray:
         """Each row's exact integer fingerprint, computed where the block is (int64 [n, 8] on the host).
 
@@ -708,7 +704,7 @@ def search_top2(queries, train, *, backend: str = "auto", device: str = "auto", 
                 seen = lo
                 blocks = rows.iter_blocks(bs) if whole else \
                     ((lo + a, rows.read_range(lo + a, lo + b)) for a, b in row_blocks(hi - lo, bs))
-                staged = _Staged(blocks, dtype, tdim, dev if backend == "int8" else None)
+                staged = _Staged(blocks, dtype, dev if backend == "int8" else None)
                 try:
                     for start, x, xd in staged:
                         n = len(x)
@@ -836,7 +832,7 @@ class _Staged:
     previous block. Yields (start, host rows, device rows or None); with ``device`` None nothing is uploaded.
     ``close()`` stops the reader (always call it)."""
 
-    def __init__(self, blocks, dtype: np.dtype, dim: int, device: torch.device | None, depth: int = 1):
+    def __init__(self, blocks, dtype: np.dtype, device: torch.device | None, depth: int = 1):
         import queue
         import threading
 

@@ -4,9 +4,10 @@ Every process searches *all* generated images against its contiguous share of th
 (:func:`shard_range`); the per-process top-2 candidates ``(squared distance, training index)`` are then
 all-gathered and merged exactly (:func:`merge_top2`, ties to the lowest training index as in one process).
 
-Duplicates are found globally: each process hashes its rows in the search pass (SHA-256, as one process
-does; exact copies inside a shard are dropped from its search at once), then the 64-bit fingerprints of the
-shard's first copies are all-gathered. A row whose fingerprint also belongs to a row of a lower shard is
+Duplicates are found globally: each process fingerprints its rows in the search pass as one process does
+(device projections confirmed byte for byte with the int8 backend, SHA-256 with the float ones; exact copies
+inside a shard are dropped from its search at once), then the 64-bit fingerprints of the shard's first copies
+are all-gathered. A row whose fingerprint also belongs to a row of a lower shard is
 compared byte for byte with those rows (read again from the source, lowest index first); an identical
 one becomes its representative. The resulting global ``duplicates`` array is all-gathered too, and merging
 drops every candidate that is not its own representative. Per-process top-2 lists are enough: a dropped
@@ -160,23 +161,18 @@ def launched() -> bool:
 
 @contextmanager
 def process_group(device: str = "auto") -> Iterator[Comm]:
-    """A :class:`TorchComm` for this launch; sets torch.distributed up (accelerate's ``PartialState``: gloo on
-    CPU, NCCL with GPUs) unless it already is, and then also tears it down (a barrier, then
-    ``destroy_process_group``: ``end_training`` sometimes aborted a gloo rank)."""
+    """A :class:`TorchComm` for this launch, on the launch's process group (``training.start_processes``: set up
+    once, kept until the process exits); a barrier when the block ends."""
     import torch
     import torch.distributed as dist
 
-    owned = False
-    if not dist.is_initialized():
-        from accelerate import PartialState
+    from ..training import start_processes
 
-        cpu = device == "cpu" or not torch.cuda.is_available()
-        PartialState(cpu=cpu, **({"backend": "gloo"} if cpu else {}))
-        owned = dist.is_initialized()
-        if not owned:
-            raise SdmemError("WORLD_SIZE > 1 but torch.distributed could not be initialised; start the audit "
-                             "with `accelerate launch -m sdmem audit ...` or `torchrun --nproc_per_node N -m sdmem "
-                             "audit ...`")
+    start_processes(cpu=device == "cpu" or not torch.cuda.is_available())
+    if not dist.is_initialized():
+        raise SdmemError("WORLD_SIZE > 1 but torch.distributed could not be initialised; start the audit "
+                         "with `accelerate launch -m sdmem audit ...` or `torchrun --nproc_per_node N -m sdmem "
+                         "audit ...`")
     if device != "cpu" and torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]) % torch.cuda.device_count())
     group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
@@ -184,11 +180,4 @@ def process_group(device: str = "auto") -> Iterator[Comm]:
     try:
         yield comm
     finally:
-        try:
-            comm.barrier()
-        finally:
-            if owned:
-                dist.destroy_process_group()
-                from accelerate.state import AcceleratorState
-
-                AcceleratorState._reset_state(reset_partial_state=True)
+        comm.barrier()
