@@ -306,20 +306,12 @@ def test_audit_with_fid_adds_it_to_the_summary(weights, tmp_path, cli):
 def test_a_sweep_fills_the_fid_column_when_the_weights_are_in_place(weights, tmp_path, monkeypatch, private_cache):
     import csv
 
-    import yaml
-
     from sdmem.study.sweep import RESULT_COLUMNS, load_spec, run_sweep
+    from test_sweep import write_spec  # the sweep tests' tiny EDM spec
 
-    base = {"kind": "edm", "seed": 3,
-            "data": {"source": "builtin:digits", "size": 16, "num_classes": 2, "labels": "none"},
-            "model": {"arch": "ddpmpp", "precond": "edm", "channels": 8, "channel_mult": [1, 2], "num_blocks": 1,
-                      "attn_resolutions": [], "dropout": 0.1},
-            "train": {"epochs": 4, "batch_size": 16, "warmup_epochs": 1, "ema_rate": 0.9, "snapshot_epochs": 4,
-                      "checkpoint_epochs": 4, "log_every_steps": 2},
-            "track": {"num_images": 0}}
-    path = tmp_path / "spec.yaml"
-    path.write_text(yaml.safe_dump({"out_dir": str(tmp_path / "sweep"), "base": base, "axes": {"seed": [3]},
-                                    "generate": {"num": 4, "steps": 3, "batch": 4}, "report": "final"}))
+    path = write_spec(tmp_path, axes={"seed": [3]}, zip=[], generate={"num": 4, "steps": 3, "batch": 4},
+                      report="final", overrides={"data.size": 16, "train.epochs": 4, "train.warmup_epochs": 1,
+                                                 "train.checkpoint_epochs": 4, "track.num_images": 0})
     monkeypatch.setenv("SDMEM_INCEPTION_WEIGHTS", str(weights))
     assert "fid" in RESULT_COLUMNS
     run_sweep(load_spec(path), progress=False, log=lambda *_: None)
