@@ -210,11 +210,16 @@ def test_a_training_key_added_later_keeps_old_fingerprints_at_its_default(tmp_pa
     assert fingerprint(apply_overrides(cfg, ["train.ema_rule=per_step"])) != before
 
 
-@pytest.mark.parametrize("kind", ["edm", "sd"])
-def test_a_key_whose_default_is_a_new_behaviour_reads_old_runs_as_they_trained(tmp_path, kind):
-    """train.fused_adam (default on) was added later: a run folder recorded without it trained with torch's default
-    Adam, so it keeps its fingerprint, reads back as fused_adam=false, and resuming it with today's default is
-    refused naming the key, while the old setting resumes it."""
+LATER_KEYS = {"edm": {"train.fused_adam": False},  # keys whose default is a new behaviour: their value before
+              "sd": {"train.fused_adam": False, "model.lora_forward": "separate"}}
+
+
+@pytest.mark.parametrize("kind,key", [(k, key) for k, keys in LATER_KEYS.items() for key in keys])
+def test_a_key_whose_default_is_a_new_behaviour_reads_old_runs_as_they_trained(tmp_path, kind, key):
+    """train.fused_adam (default on) and model.lora_forward (default auto) were added later: a run folder recorded
+    without them trained with torch's default Adam and peft's separate LoRA matmuls, so it keeps its fingerprint,
+    reads back with the old values, and resuming it with today's default is refused naming the key, while the old
+    setting resumes it."""
     import hashlib
 
     from sdmem.config import flatten_config, stored_config
@@ -222,25 +227,31 @@ def test_a_key_whose_default_is_a_new_behaviour_reads_old_runs_as_they_trained(t
     from sdmem.runs import KINDS, RunPaths, check_reuse, config_from_mapping
 
     raw = yaml.safe_load(BASIC) if kind == "edm" else {
-        "kind": "sd", "out_dir": "x", "data": {"source": "imagenette", "size": 100}}
+        "kind": "sd", "out_dir": "x", "data": {"source": "imagenette", "size": 100}, "model": {"rank": 256}}
     raw["out_dir"] = str(tmp_path / "run")
     cfg = config_from_mapping(raw)
-    assert cfg.train.fused_adam is True
+    section, name = key.split(".")
+    old_value = LATER_KEYS[kind][key]
+    assert getattr(getattr(cfg, section), name) != old_value
     old_record = config_to_dict(cfg)
-    del old_record["train"]["fused_adam"]  # config.json as runs made before the key wrote it
-    keep = training_keys(KINDS[kind]) - {"train.fused_adam", "train.ema_rule"} - cfg.ignored_keys()  # (ema_rule:
-    # an older key added later, at its old value here)
+    for later in LATER_KEYS[kind]:  # config.json as runs made before the keys wrote it
+        del old_record[later.split(".")[0]][later.split(".")[1]]
+    # (ema_rule: an older key added later, at its old value here)
+    keep = training_keys(KINDS[kind]) - set(LATER_KEYS[kind]) - {"train.ema_rule"} - cfg.ignored_keys()
     flat = {k: v for k, v in flatten_config(cfg).items() if k in keep}
     old_fingerprint = hashlib.sha256(json.dumps(flat, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
     stored = stored_config(KINDS[kind], old_record)
-    assert stored.train.fused_adam is False and fingerprint(stored) == old_fingerprint
+    assert getattr(getattr(stored, section), name) == old_value and fingerprint(stored) == old_fingerprint
     assert fingerprint(cfg) != old_fingerprint
-    assert config_from_dict(KINDS[kind], old_record).train.fused_adam is True  # a user's config: today's default
+    user = config_from_dict(KINDS[kind], old_record)  # a user's config: today's defaults
+    assert getattr(getattr(user, section), name) == getattr(getattr(cfg, section), name)
 
     paths = RunPaths(tmp_path / "run")
     paths.root.mkdir()
     paths.config.write_text(json.dumps(old_record))
-    with pytest.raises(InputError, match="train.fused_adam"):
-        check_reuse(cfg, paths)
-    check_reuse(apply_overrides(cfg, ["train.fused_adam=false"]), paths)  # the old setting resumes it
+    old_settings = [f"{k}={str(v).lower()}" for k, v in LATER_KEYS[kind].items()]
+    others = [s for s in old_settings if not s.startswith(key + "=")]
+    with pytest.raises(InputError, match=key):  # every other later key at its old value: this one is named
+        check_reuse(apply_overrides(cfg, others), paths)
+    check_reuse(apply_overrides(cfg, old_settings), paths)  # the old settings resume it

@@ -126,7 +126,8 @@ def test_full_run_ignores_lora_keys_and_a_folder_of_something_else(tmp_path, ass
     path = write_config(tmp_path, "full", assets, steps=1, method="full", ema=False)
     cfg = load_config(path)
     train(cfg, progress=False)
-    assert train(load_config(path, ["model.rank=64", "data.plain_template=x"]), progress=False)["already_done"]
+    assert train(load_config(path, ["model.rank=64", "model.lora_forward=merged", "data.plain_template=x"]),
+                 progress=False)["already_done"]
     assert changed_training_keys(cfg, load_config(path, ["model.method=lora"])) == ["model.method", "train.lr"]
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")

@@ -46,6 +46,10 @@ class SDModelConfig(Section):
     alpha: Optional[float] = setting(None, gt=0.0)  # LoRA alpha (scale alpha / r); null: = rank
     target_modules: tuple[str, ...] = setting(DEFAULT_TARGET_MODULES)  # peft target_modules (UNet module names)
     lora_dropout: float = setting(0.0, ge=0.0, lt=1.0)
+    # How a LoRA layer computes while it trains (sdmem.sd.kernels): "separate" is peft's x·Wᵀ + s·(x·Aᵀ)·Bᵀ,
+    # "merged" x·(W + s·B·A)ᵀ, "auto" merged where that needs fewer FLOPs (high ranks). Same mathematics, other
+    # rounding; runs made before this key computed "separate".
+    lora_forward: Literal["auto", "merged", "separate"] = setting("auto", before="separate")
 
     def _check(self):
         need(len(self.target_modules) > 0, "model.target_modules", "expected at least one module name")
@@ -121,7 +125,7 @@ class SDConfig(Section):
         """Training keys this config does not use (LoRA keys of a full run, the other prompt template)."""
         keys = {"data.class_template" if self.data.prompt == "plain" else "data.plain_template"}
         if self.model.method == "full":
-            keys |= {"model.rank", "model.alpha", "model.target_modules", "model.lora_dropout"}
+            keys |= {"model.rank", "model.alpha", "model.target_modules", "model.lora_dropout", "model.lora_forward"}
         if not self.train.ema:
             keys.add("train.ema_decay")
         return keys

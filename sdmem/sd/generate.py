@@ -8,7 +8,9 @@ each batch's prompts together, and a batched GEMM may round a row differently: i
 as ``prompt_encoding`` in the manifest's settings); the conditional and unconditional halves go through the UNet in one call (diffusers' pipeline does
 that); the VAE decodes a whole block at once; PNGs are written by the generation core's writer thread. A LoRA is
 fused into the UNet's weights for sampling (``fuse_lora``: no LoRA matmuls per step), which changes the images
-within rounding (max 2/255 per pixel, recorded as ``lora_fused`` in the manifest's settings); ``compile=True``
+within rounding (max 2/255 per pixel, recorded as ``lora_fused`` in the manifest's settings); each block's text
+keys and values of the cross-attentions are projected at its first step and reused at the others
+(``kernels.ContextKV``: bit-identical images); ``compile=True``
 (``--compile``) runs the UNet through ``torch.compile`` (images equal within a tolerance, recorded as ``compile``).
 """
 
@@ -29,6 +31,7 @@ from ..runs import RunPaths, read_json, read_run_config
 from ..utils import resolve_device
 from .config import SDConfig
 from .data import class_prompt
+from .kernels import ContextKV
 
 _ETA_STREAM = 1  # DDIM eta > 0 draws its step noise from a per-seed stream apart from the initial noise
 
@@ -205,6 +208,8 @@ def sampling_renderer(pipe, *, resolution: int, steps: int, guidance_scale: floa
     embeddings = PromptEmbeddings(pipe) if encode_once else False
     if compile:
         pipe.unet.compile(dynamic=False)  # static shapes: dynamic ones broke inductor on the UNet
+    else:  # each block's text keys and values projected once, not once per step (bit-identical images)
+        ContextKV(pipe.unet)
 
     def render(block: list[int], conds: list[dict]) -> np.ndarray:
         return generate_images(pipe, [c["prompt"] for c in conds], block, resolution=resolution, steps=steps,

@@ -102,11 +102,13 @@ def build_trainable(cfg: SDConfig, comps, device, weight_dtype) -> list[tuple[st
         unet.enable_gradient_checkpointing()
     torch.manual_seed(cfg.seed)
     if cfg.model.method == "lora":
+        from .kernels import merge_lora_forward
         from .lora import add_lora
 
         to_device(unet, device, weight_dtype)  # the frozen base in the compute dtype; the LoRA in float32
         add_lora(unet, rank=cfg.model.rank, alpha=cfg.model.alpha, target_modules=cfg.model.target_modules,
                  dropout=cfg.model.lora_dropout)
+        merge_lora_forward(unet, cfg.model.lora_forward)
         for p in unet.parameters():
             if p.requires_grad:
                 p.data = p.data.float()
