@@ -9,18 +9,21 @@ the paper's. Images: a small Imagenette-like folder at --resolution, class promp
 
 - **Training**, the same optimizer steps (batch, LoRA or full, EMA, fp32):
   sdmem: ``sdmem.sd.train.SDTrainer`` (latent/text cache built once, its named steps);
-  diffusers: ``train_text_to_image_lora.py``'s loop: every step the VAE encodes the batch and the text encoder its
-  prompts, stock ``torch.optim.AdamW``, diffusers' ``EMAModel``.
+  diffusers: ``train_text_to_image_lora.py``'s loop: every step the batch's image files are decoded, cropped and
+  resized (the script's dataset transform), the VAE encodes them and the text encoder their prompts, stock
+  ``torch.optim.AdamW``, diffusers' ``EMAModel`` (the LoRA script has none; kept so that both paths do the same
+  work).
+  Both paths run interleaved rounds of steps (the fastest round of each kept: the machine's load drifts).
   Checkpointing is timed once per path and counted as every ``--checkpoint-every`` steps (sdmem's default 500);
   sdmem's cache build is counted as a paper run spends it (|D| = 400 images encoded once per 400k seen).
 - **Generation**, the same seeds, batches, DDIM steps and guidance 7.5, PNGs written:
   sdmem: ``sdmem.sd.generate.generate_run`` on the trained run (the whole core: manifest, fused LoRA, prompts
-  encoded once, PNG writer thread); diffusers: ``StableDiffusionPipeline.from_pretrained`` + ``load_lora_weights``
+  encoded once, cross-attention keys and values kept across steps, PNG writer thread); diffusers: ``StableDiffusionPipeline.from_pretrained`` + ``load_lora_weights``
   and a loop of plain pipeline calls (one generator per seed) saving each PIL image. Loading is not timed.
 
     OMP_NUM_THREADS=1 python eval/bench_sd_speed.py [--scale 0.25] [--resolution 128] [--method lora|full]
-        [--batch 4] [--train-steps 3] [--gen-num 4] [--gen-batch 4] [--gen-steps 50] [--gen-rounds 2]
-        [--device auto|cpu|cuda]
+        [--batch 4] [--lora-forward auto|merged|separate] [--context-kv on|off] [--train-steps 3]
+        [--train-rounds 3] [--gen-num 4] [--gen-batch 4] [--gen-steps 50] [--gen-rounds 2] [--device auto|cpu|cuda]
 
 On a shared CPU machine run it with OMP_NUM_THREADS=1 (oversubscribed threads make the timings meaningless);
 the ratios are measured in the same run. On a GPU try --scale 1 (miniSD's sizes) with larger --batch/--gen-num.
@@ -104,8 +107,16 @@ def save_model(comps, out: Path) -> Path:
 # ------------------------------------------------------------------------------------------------------ training
 
 
-def train_sdmem(cfg_dict: dict, args, device) -> tuple[float, dict, Path]:
-    """sdmem's trainer: per-step images/s over the timed steps and the stage seconds per step."""
+def best_round(rounds: list[list[dict]], batch: int) -> tuple[float, dict]:
+    """(images/s, stage seconds per step) of the fastest round (each round: a list of per-step stage dicts)."""
+    per_round = [{k: float(np.mean([s.get(k, 0.0) for s in steps])) for k in steps[0]} for steps in rounds]
+    per = min(per_round, key=lambda p: p["total"])
+    return batch / per["total"], per
+
+
+def sdmem_trainer(cfg_dict: dict, args, device):
+    """sdmem's trainer: ``round(n) -> [stage seconds of each of n steps]``, and ``finish() -> (extra stage seconds
+    per step: checkpointing and the cache's share, run folder)``."""
     from sdmem.config import config_from_dict
     from sdmem.sd.config import SDConfig
     from sdmem.sd.run import save_checkpoint
@@ -129,35 +140,53 @@ def train_sdmem(cfg_dict: dict, args, device) -> tuple[float, dict, Path]:
     clock.wrap(tr.data, "batch", "data")
     clock.hook(tr.comps.unet, "UNet forward")
     clock.wrap(tr.opt, "step", "optimizer")
-    steps = []
-    while tr.step < tr.total:
-        clock.s.clear()
-        with clock.stage("total"):
-            with clock.stage("loss step"):
-                tr.loss_step()
-            with clock.stage("EMA"):
-                tr.ema_step()
-            with clock.stage("log/validation"):
-                tr.log_step(None)
-                tr.validation_step()
-        steps.append(dict(clock.s))
-    timed = steps[args.warmup:]
-    per = {k: np.mean([s.get(k, 0.0) for s in timed]) for k in timed[0]}
-    per["UNet backward"] = per.pop("loss step") - per["data"] - per["UNet forward"] - per["optimizer"]
-    t = time.perf_counter()
-    save_checkpoint(cfg, tr.paths, tr.step, tr.named, tr.ema, tr.optimizer, tr.lr_scheduler, tr.acc.scaler)
-    per["checkpointing"] = (time.perf_counter() - t) / args.checkpoint_every
-    # The cache: |D| images through the VAE encoder and text encoder once; a paper run sees 1000x |D| images.
-    n = len(tr.subset)
-    per["VAE/text encode"] = cache_s / n * args.batch / 1000
-    per["total"] += per["checkpointing"] + per["VAE/text encode"]
-    tr.finish()
-    return args.batch / per["total"], per, Path(cfg.out_dir)
+
+    def one_round(n: int) -> list[dict]:
+        steps = []
+        for _ in range(n):
+            clock.s.clear()
+            with clock.stage("total"):
+                with clock.stage("loss step"):
+                    tr.loss_step()
+                with clock.stage("EMA"):
+                    tr.ema_step()
+                with clock.stage("log/validation"):
+                    tr.log_step(None)
+                    tr.validation_step()
+            step = dict(clock.s)
+            step["UNet backward"] = step.pop("loss step") - step["data"] - step["UNet forward"] - step["optimizer"]
+            steps.append(step)
+        return steps
+
+    def finish() -> tuple[dict, Path]:
+        t = time.perf_counter()
+        save_checkpoint(cfg, tr.paths, tr.step, tr.named, tr.ema, tr.optimizer, tr.lr_scheduler, tr.acc.scaler)
+        extra = {"checkpointing": (time.perf_counter() - t) / args.checkpoint_every}
+        # The cache: |D| images through the VAE encoder and text encoder once; a paper run sees 1000x |D| images.
+        extra["VAE/text encode"] = cache_s / len(tr.subset) * args.batch / 1000
+        tr.finish()
+        return extra, Path(cfg.out_dir)
+    return one_round, finish
 
 
-def train_diffusers(model: Path, images: np.ndarray, prompts: list[str], labels: np.ndarray, args,
-                    device) -> tuple[float, dict]:
-    """train_text_to_image(_lora).py's loop on the same model, batches and LoRA."""
+def script_transform(path: Path, resolution: int) -> np.ndarray:
+    """The example script's per-image transform: decode, resize the short side (bilinear), centre-crop; uint8."""
+    from PIL import Image
+
+    with Image.open(path) as img:
+        img = img.convert("RGB")
+        w, h = img.size
+        scale = resolution / min(w, h)
+        img = img.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))), Image.BILINEAR)
+        w, h = img.size
+        left, top = (w - resolution) // 2, (h - resolution) // 2
+        return np.asarray(img.crop((left, top, left + resolution, top + resolution)))
+
+
+def diffusers_trainer(model: Path, files: list[Path], prompts: list[str], labels: np.ndarray, args, device):
+    """train_text_to_image(_lora).py's loop on the same model, batches and LoRA: ``round(n)`` and ``finish()`` as
+    :func:`sdmem_trainer`'s. Its data stage is the script's dataset transform: every step decodes the batch's image
+    files, resizes and centre-crops them, then normalises and tokenises."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from diffusers.training_utils import EMAModel
     from peft import LoraConfig
@@ -192,44 +221,50 @@ def train_diffusers(model: Path, images: np.ndarray, prompts: list[str], labels:
     ema = EMAModel(params, decay=0.9999)
     clock = Clock(device)
     clock.hook(unet, "UNet forward")
-    pixels = torch.from_numpy(images).permute(0, 3, 1, 2)
-    steps = []
-    for k in range(args.warmup + args.train_steps):
-        clock.s.clear()
-        with clock.stage("total"):
-            idx = batch_indices(k, args.batch, len(images), 0)
-            with clock.stage("data"):
-                x = (pixels[idx].float() / 127.5 - 1).to(device)
-                ids = tok([prompts[labels[i]] for i in idx], padding="max_length", max_length=tok.model_max_length,
-                          truncation=True, return_tensors="pt").input_ids.to(device)
-            with clock.stage("VAE/text encode"), torch.no_grad(), autocast:
-                latents = vae.encode(x).latent_dist.sample() * vae.config.scaling_factor
-                hidden = text(ids, return_dict=False)[0]
-            with clock.stage("loss step"), autocast:
-                noise = torch.randn_like(latents)
-                t = torch.randint(0, sched.config.num_train_timesteps, (len(latents),), device=device)
-                pred = unet(sched.add_noise(latents, noise, t), t, hidden, return_dict=False)[0]
-                loss = torch.nn.functional.mse_loss(pred.float(), noise.float())
-                loss.backward()
-            with clock.stage("optimizer"):
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-            with clock.stage("EMA"):
-                ema.step(params)
-        steps.append(dict(clock.s))
-    timed = steps[args.warmup:]
-    per = {k: np.mean([s.get(k, 0.0) for s in timed]) for k in timed[0]}
-    per["UNet backward"] = per.pop("loss step") - per["UNet forward"]
-    with tempfile.TemporaryDirectory() as tmp:  # what accelerator.save_state writes: weights, optimizer, EMA
-        t = time.perf_counter()
-        save_file({n: p.detach().contiguous() for n, p in unet.named_parameters() if p.requires_grad},
-                  os.path.join(tmp, "model.safetensors"))
-        torch.save(opt.state_dict(), os.path.join(tmp, "optimizer.bin"))
-        torch.save(ema.state_dict(), os.path.join(tmp, "ema.bin"))
-        per["checkpointing"] = (time.perf_counter() - t) / args.checkpoint_every
-    per["total"] += per["checkpointing"]
-    return args.batch / per["total"], per
+    count = [0]
+
+    def one_round(n: int) -> list[dict]:
+        steps = []
+        for _ in range(n):
+            k, count[0] = count[0], count[0] + 1
+            clock.s.clear()
+            with clock.stage("total"):
+                idx = batch_indices(k, args.batch, len(files), 0)
+                with clock.stage("data"):
+                    pixels = torch.from_numpy(np.stack([script_transform(files[i], args.resolution) for i in idx]))
+                    pixels = pixels.permute(0, 3, 1, 2)
+                    x = (pixels.float() / 127.5 - 1).to(device)
+                    ids = tok([prompts[labels[i]] for i in idx], padding="max_length",
+                              max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids.to(device)
+                with clock.stage("VAE/text encode"), torch.no_grad(), autocast:
+                    latents = vae.encode(x).latent_dist.sample() * vae.config.scaling_factor
+                    hidden = text(ids, return_dict=False)[0]
+                with clock.stage("loss step"), autocast:
+                    noise = torch.randn_like(latents)
+                    t = torch.randint(0, sched.config.num_train_timesteps, (len(latents),), device=device)
+                    pred = unet(sched.add_noise(latents, noise, t), t, hidden, return_dict=False)[0]
+                    loss = torch.nn.functional.mse_loss(pred.float(), noise.float())
+                    loss.backward()
+                with clock.stage("optimizer"):
+                    torch.nn.utils.clip_grad_norm_(params, 1.0)
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                with clock.stage("EMA"):
+                    ema.step(params)
+            step = dict(clock.s)
+            step["UNet backward"] = step.pop("loss step") - step["UNet forward"]
+            steps.append(step)
+        return steps
+
+    def finish() -> tuple[dict, None]:
+        with tempfile.TemporaryDirectory() as tmp:  # what accelerator.save_state writes: weights, optimizer, EMA
+            t = time.perf_counter()
+            save_file({n: p.detach().contiguous() for n, p in unet.named_parameters() if p.requires_grad},
+                      os.path.join(tmp, "model.safetensors"))
+            torch.save(opt.state_dict(), os.path.join(tmp, "optimizer.bin"))
+            torch.save(ema.state_dict(), os.path.join(tmp, "ema.bin"))
+            return {"checkpointing": (time.perf_counter() - t) / args.checkpoint_every}, None
+    return one_round, finish
 
 
 # ---------------------------------------------------------------------------------------------------- generation
@@ -246,7 +281,7 @@ def generate_sdmem(run: Path, out: Path, seeds: list[int], args, device, warm: b
         clock.hook(pipe.unet, "UNet")
         clock.hook(pipe.text_encoder, "text encode")
         clock.hook(pipe.vae.decoder, "VAE decode")
-        return make(pipe, **kw)
+        return make(pipe, **kw, context_kv=args.context_kv == "on")
     save = core.save_png
 
     def timed_save(path, img):
@@ -341,9 +376,15 @@ def main() -> None:
     p.add_argument("--method", default="lora", choices=["lora", "full"])
     p.add_argument("--rank", type=int, help="LoRA rank (default: 256 x scale, the paper's r = 256 in proportion)")
     p.add_argument("--batch", type=int, default=4, help="images per training step")
+    p.add_argument("--lora-forward", default="auto", choices=["auto", "merged", "separate"],
+                   help="sdmem's model.lora_forward (separate: peft's form, as sdmem trained before the key)")
+    p.add_argument("--context-kv", default="on", choices=["on", "off"],
+                   help="sdmem's sampling keeps the text's cross-attention keys and values across steps (off: as "
+                        "before; the images are the same)")
     p.add_argument("--precision", default="no", choices=["no", "bf16", "fp16"],
                    help="training precision of both paths (sdmem's train.mixed_precision; autocast for the other)")
-    p.add_argument("--train-steps", type=int, default=3, help="timed training steps per path")
+    p.add_argument("--train-steps", type=int, default=3, help="timed training steps per path and round")
+    p.add_argument("--train-rounds", type=int, default=3, help="interleaved training rounds per path (best kept)")
     p.add_argument("--warmup", type=int, default=1, help="untimed training steps first")
     p.add_argument("--checkpoint-every", type=int, default=500, help="steps per checkpoint (sdmem's default)")
     p.add_argument("--gen-num", type=int, default=4)
@@ -357,6 +398,7 @@ def main() -> None:
 
     from sdmem.config import config_from_dict
     from sdmem.sd.config import SDDataConfig
+    from sdmem.data.subset import open_data_source
     from sdmem.sd.data import build_sd_subset, prompt_table
     from sdmem.sd.tiny import make_imagenette_like
     from sdmem.utils import resolve_device
@@ -382,27 +424,46 @@ def main() -> None:
         dcfg = config_from_dict(SDDataConfig, {"source": str(data), "size": 20, "resolution": args.resolution,
                                                "prompt": "class"})
         subset = build_sd_subset(dcfg)
+        source = open_data_source(str(data), labels=True, resolution=args.resolution)
+        files = [data / source.files[i] for i in subset.indices]  # D's image files, for the script's data stage
         prompts = prompt_table(dcfg, subset.class_names)
         threads = f"{torch.get_num_threads()} threads" if device == "cpu" else torch.cuda.get_device_name()
         print(f"SD v1 layout x{args.scale}: UNet {n['unet']:.1f}M, VAE {n['vae']:.1f}M, text encoder "
               f"{n['text_encoder']:.1f}M params; {args.resolution}x{args.resolution}, {args.method}"
               + (f" r{args.rank}" if args.method == "lora" else "") + f", training precision {args.precision}, {device} ({threads})")
 
-        total = args.warmup + args.train_steps
+        total = args.warmup + args.train_rounds * args.train_steps
         cfg = {"kind": "sd", "seed": 0, "out_dir": str(work / "run"),
                "data": {"source": str(data), "size": 20, "resolution": args.resolution, "prompt": "class"},
-               "model": {"pretrained": str(model), "method": args.method, "rank": args.rank},
+               "model": {"pretrained": str(model), "method": args.method, "rank": args.rank,
+                         "lora_forward": args.lora_forward},
                "train": {"images_seen": total * args.batch, "batch_size": args.batch, "gradient_accumulation": 1,
                          "checkpoint_steps": 10 ** 6, "mixed_precision": args.precision, "ema": True,
                          "validation_every_steps": 0},
                "generate": {"steps": args.gen_steps}}
-        ours, ours_per, run = train_sdmem(cfg, args, device)
-        base, base_per = train_diffusers(model, np.asarray(subset.images), prompts, subset.labels, args, device)
+        paths = {"sdmem": sdmem_trainer(cfg, args, device),
+                 "diffusers": diffusers_trainer(model, files, prompts, subset.labels, args, device)}
+        rounds = {k: [] for k in paths}
+        for name, (one_round, _) in paths.items():
+            one_round(args.warmup)
+        for _ in range(args.train_rounds):  # interleaved, so that drift in the machine's load hits both alike
+            for name, (one_round, _) in paths.items():
+                rounds[name].append(one_round(args.train_steps))
+        results = {}
+        for name, (_, finish) in paths.items():
+            speed, per = best_round(rounds[name], args.batch)
+            extra, folder = finish()
+            per["total"] = args.batch / speed + sum(extra.values())
+            per.update({k: per.get(k, 0.0) + v for k, v in extra.items()})
+            results[name] = (args.batch / per["total"], per)
+            if folder is not None:
+                run = folder
+        (ours, ours_per), (base, base_per) = results["sdmem"], results["diffusers"]
         train_order = ["data", "VAE/text encode", "UNet forward", "UNet backward", "optimizer", "EMA", "checkpointing",
                        "log/validation"]
-        print(f"training ({args.train_steps} steps of {args.batch} after {args.warmup} warm-up; a checkpoint "
-              f"every {args.checkpoint_every}): sdmem {ours:.3f} img/s, diffusers way {base:.3f} img/s -> "
-              f"{ours / base:.2f}x")
+        print(f"training ({args.train_rounds} interleaved rounds of {args.train_steps} steps of {args.batch} after "
+              f"{args.warmup} warm-up, best round kept; a checkpoint every {args.checkpoint_every}): sdmem "
+              f"{ours:.3f} img/s, diffusers way {base:.3f} img/s -> {ours / base:.2f}x")
         print(f"  sdmem:    {shares(ours_per, train_order)}")
         print(f"  diffusers: {shares(base_per, train_order)}")
 

@@ -283,6 +283,13 @@ def stored_config(cls: type, data: Mapping, where: str = ""):
     return config_from_dict(cls, fill(cls, data), where)
 
 
+def keys_added_since(cls: type, data: Mapping) -> dict:
+    """{dotted key: value} of the training keys added later that a stored record ``data`` lacks (the run was made
+    before them), each at the value such runs trained with."""
+    present = flatten_config(data)
+    return {k: v for k, v in _since_defaults(cls).items() if k not in present}
+
+
 def changed_training_keys(old, new) -> list[str]:
     """Dotted keys that differ between two configs of one kind and alter training (ignored by neither)."""
     keys = training_keys(type(new)) - (old.ignored_keys() & new.ignored_keys())

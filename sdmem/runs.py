@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Sequence
 
 from . import config as _engine
-from .config import changed_training_keys, config_to_dict, stored_config
+from .config import changed_training_keys, config_to_dict, keys_added_since, stored_config
 from .edm.config import EDMConfig
 from .errors import InputError
 from .sd.config import SDConfig
@@ -136,8 +136,13 @@ def check_reuse(cfg, paths: RunPaths) -> None:
                                          "this folder") from None
         keys = changed_training_keys(stored, cfg)
         if keys:
+            older = keys_added_since(type(cfg), raw)
+            hint = [f"{k}={v if isinstance(v := older[k], str) else json.dumps(v)}" for k in keys if k in older]
+            hint = (f"; it was made before {', '.join(k for k in keys if k in older)} existed: finish it with "
+                    + " ".join(f"--set {h}" for h in hint)) if hint else ""
             raise InputError(paths.root, "holds a run trained with a different config (" + ", ".join(keys)
-                             + " differ); refusing to resume it: use another out_dir or the original settings")
+                             + " differ); refusing to resume it: use another out_dir or the original settings"
+                             + hint)
     elif paths.root.exists() and not paths.root.is_dir():
         raise InputError(paths.root, "exists and is not a folder; out_dir must be a folder")
     elif paths.root.exists() and any(p.name != "tensorboard" for p in paths.root.iterdir()):

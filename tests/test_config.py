@@ -252,6 +252,7 @@ def test_a_key_whose_default_is_a_new_behaviour_reads_old_runs_as_they_trained(t
     paths.config.write_text(json.dumps(old_record))
     old_settings = [f"{k}={str(v).lower()}" for k, v in LATER_KEYS[kind].items()]
     others = [s for s in old_settings if not s.startswith(key + "=")]
-    with pytest.raises(InputError, match=key):  # every other later key at its old value: this one is named
+    with pytest.raises(InputError, match=key) as exc:  # every other later key at its old value: this one is named
         check_reuse(apply_overrides(cfg, others), paths)
+    assert f"made before {key} existed: finish it with --set {key}={str(old_value).lower()}" in str(exc.value)
     check_reuse(apply_overrides(cfg, old_settings), paths)  # the old settings resume it

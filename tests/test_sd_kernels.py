@@ -28,9 +28,17 @@ def test_the_merged_form_is_chosen_where_it_needs_fewer_flops():
     # Per token: separate 2·i·o + 3·r·(i + o), merged 3·i·o (forward, input gradient, LoRA or weight gradient).
     assert merged_is_cheaper(32, 32, 6) and not merged_is_cheaper(32, 32, 5)  # 3072 < 3200; 3072 > 3008
     assert merged_is_cheaper(32, 64, 8) and not merged_is_cheaper(32, 64, 7)  # 6144 < 6400; 6144 > 6112
-    # SD v1's UNet (widths 320-1280, text width 768): the paper's rank 256 merges every projection, rank 16 none.
+    # With T rows the merged weight's own cost counts: training 3·T·i·o + 3·i·o·r against T·(2·i·o + 3·r·(i + o)),
+    # sampling T·i·o + i·o·r against T·(i·o + r·(i + o)) (32x32, rank 8: T > 48 and T > 16; at equality: separate).
+    assert not merged_is_cheaper(32, 32, 8, 48) and merged_is_cheaper(32, 32, 8, 49)
+    assert not merged_is_cheaper(32, 32, 8, 16, training=False) and merged_is_cheaper(32, 32, 8, 17, training=False)
+    # SD v1's UNet (widths 320-1280, text width 768), the paper's batch 16 at 256x256 (latent 32², 16², 8²; 77 text
+    # tokens): rank 256 merges the projections at 32² and 16² and keeps those at 8² separate; rank 16 merges none.
+    levels = [(320, 16 * 32 * 32), (640, 16 * 16 * 16), (1280, 16 * 8 * 8)]
+    merged = [(merged_is_cheaper(c, c, 256, t), merged_is_cheaper(768, c, 256, 16 * 77)) for c, t in levels]
+    assert merged == [(True, True), (True, True), (False, False)]
     shapes = [(c, c) for c in (320, 640, 1280)] + [(768, c) for c in (320, 640, 1280)]
-    assert all(merged_is_cheaper(i, o, 256) for i, o in shapes)
+    assert all(merged_is_cheaper(i, o, 256) for i, o in shapes)  # per token
     assert not any(merged_is_cheaper(i, o, 16) for i, o in shapes)
 
 
@@ -65,6 +73,29 @@ def test_a_merged_lora_layer_gives_peft_outputs_and_gradients(dtype, tol, bias):
         assert a is not None and b is not None
         torch.testing.assert_close(b, a, rtol=tol, atol=tol * a.abs().max().item())
     assert model[0].base_layer.weight.grad is None  # the frozen base gets no gradient
+
+
+def test_auto_merges_a_call_only_when_its_rows_make_it_cheaper(monkeypatch):
+    builds = []
+    addmm = torch.addmm
+    monkeypatch.setattr(torch, "addmm", lambda *a, **k: builds.append(a[0].shape) or addmm(*a, **k))
+    auto, separate = _lora_linear(torch.float32, rank=8), _lora_linear(torch.float32, rank=8)
+    assert merge_lora_forward(auto, "auto") == 1  # 24 -> 20 at rank 8: merging is cheaper per token
+    # Training: merged once 3·T·480 + 3·480·8 < T·(960 + 3·8·44), i.e. T > 20.
+    for rows, merges in ((20, False), (21, True)):
+        x = torch.randn(rows, 24)
+        builds.clear()
+        y = auto(x)
+        assert bool(builds) == merges
+        if not merges:  # peft's own path: the same bits
+            assert torch.equal(y, separate(x))
+        torch.testing.assert_close(y, separate(x), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # sampling: merged once T·480 + 480·8 < T·(480 + 8·44), i.e. T >= 11
+        builds.clear()
+        auto(torch.randn(10, 24))
+        assert not builds
+        auto(torch.randn(11, 24))
+        assert builds
 
 
 def test_a_merged_lora_layer_under_bf16_autocast_keeps_the_base_dtype_and_is_within_bf16_rounding():

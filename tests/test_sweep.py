@@ -127,6 +127,28 @@ def test_a_changed_spec_that_alters_a_finished_point_is_refused(finished, tmp_pa
         run_sweep(load_spec(path), progress=False, log=lambda *_: None)
 
 
+def test_a_point_made_before_a_later_key_is_refused_with_the_override_that_finishes_it(tmp_path):
+    from sdmem.config import fingerprint, stored_config
+    from sdmem.edm.config import EDMConfig
+    from sdmem.study.sweep import _point_record, check_point
+
+    spec = load_spec(write_spec(tmp_path))
+    p = points(spec)[0]
+    record = _point_record(spec, p)
+    del record["config"]["train"]["fused_adam"]  # point.json as sweeps made before the key wrote it
+    record["fingerprint"] = fingerprint(stored_config(EDMConfig, record["config"]))
+    p.dir.mkdir(parents=True)
+    (p.dir / "point.json").write_text(json.dumps(record))
+    with pytest.raises(InputError, match="made before train.fused_adam existed: add train.fused_adam: false to the "
+                                         "spec's overrides"):
+        check_point(spec, p)
+    raw = yaml.safe_load((tmp_path / "spec.yaml").read_text())
+    raw["overrides"] = {"train.fused_adam": False}
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(raw))
+    spec = load_spec(tmp_path / "spec.yaml")
+    check_point(spec, points(spec)[0])  # the old setting finishes it
+
+
 def test_a_live_claim_is_respected_and_a_dead_one_taken_over(tmp_path):
     folder = tmp_path / "p"
     mine = Claim(folder)

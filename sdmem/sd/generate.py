@@ -199,16 +199,18 @@ def generate_images(pipe, prompts: list[str], seeds: list[int], *, resolution: i
 
 
 def sampling_renderer(pipe, *, resolution: int, steps: int, guidance_scale: float, eta: float = 0.0,
-                      compile: bool = False, encode_once: bool = True) -> Callable[[list[int], list[dict]], np.ndarray]:
+                      compile: bool = False, encode_once: bool = True,
+                      context_kv: bool = True) -> Callable[[list[int], list[dict]], np.ndarray]:
     """The generation core's ``render(seeds, conditions)`` for a loaded pipeline: prompts encoded once per run
-    (``encode_once``; else by the pipeline, per batch), the UNet optionally compiled (``torch.compile``; the first
-    block then includes the compile time)."""
+    (``encode_once``; else by the pipeline, per batch), the text's cross-attention keys and values kept across a
+    block's steps (``context_kv``; the same images either way), the UNet optionally compiled (``torch.compile``;
+    the first block then includes the compile time)."""
     if encode_once and not PromptEmbeddings.supports(pipe):
         raise RuntimeError(f"{type(pipe).__name__}: prompts are encoded once only for a StableDiffusionPipeline")
     embeddings = PromptEmbeddings(pipe) if encode_once else False
     if compile:
         pipe.unet.compile(dynamic=False)  # static shapes: dynamic ones broke inductor on the UNet
-    else:  # each block's text keys and values projected once, not once per step (bit-identical images)
+    elif context_kv:  # each block's text keys and values projected once, not once per step (bit-identical images)
         ContextKV(pipe.unet)
 
     def render(block: list[int], conds: list[dict]) -> np.ndarray:

@@ -3,11 +3,14 @@ weight while it trains, and the cross-attention keys and values of a fixed text 
 block instead of once per denoising step.
 
 ``merge_lora_forward``: peft computes a LoRA layer as ``x·Wᵀ + s·(x·Aᵀ)·Bᵀ``; this runs ``x·(W + s·B·A)ᵀ`` instead
-(the product B·A is formed once per forward pass, gradients reach A and B through it). Per token the separate form
-costs ``2·i·o + 3·r·(i + o)`` multiply-adds forward and backward, the merged one ``3·i·o``: ``"auto"`` merges the
-layers where that is less (at the paper's rank 256 every attention projection of SD v1's UNet; at rank 16 none).
-The results differ from peft's by float rounding only (the sums are associated differently), so this is a training
-setting (``model.lora_forward``) and a run keeps the form it was made with.
+(the product B·A is formed once per forward pass, gradients reach A and B through it). For T tokens (rows of x)
+through a layer of i inputs, o outputs and rank r, training (forward and backward) costs ``T·(2·i·o + 3·r·(i + o))``
+multiply-adds in the separate form and ``3·T·i·o + 3·i·o·r`` merged (sampling: ``T·(i·o + r·(i + o))`` against
+``T·i·o + i·o·r``); ``"auto"`` takes the cheaper form at each call, from the shapes alone, so a run makes the same
+choices at every step and on resume. At the paper's rank 256 it merges SD v1's attention projections at the 32²
+and 16² latent levels and keeps the 8² ones separate; at rank 16 it merges none. The results differ from peft's by
+float rounding only (the sums are associated differently), so this is a training setting (``model.lora_forward``)
+and a run keeps the form it was made with.
 
 ``ContextKV``: in classifier-free-guidance sampling every step of a block passes the same text embeddings to the
 UNet, and a cross-attention's ``to_k``/``to_v`` of them are the same at every step. They are kept from the first
@@ -23,10 +26,18 @@ import torch.nn.functional as F
 LORA_FORWARDS = ("auto", "merged", "separate")
 
 
-def merged_is_cheaper(in_features: int, out_features: int, rank: int) -> bool:
-    """Whether ``x·(W + s·B·A)ᵀ`` needs fewer multiply-adds per token than peft's separate form, forward and backward
-    together (``3·i·o`` against ``2·i·o + 3·r·(i + o)``; the frozen W gets no gradient either way)."""
-    return 3 * in_features * out_features < 2 * in_features * out_features + 3 * rank * (in_features + out_features)
+def merged_is_cheaper(in_features: int, out_features: int, rank: int, tokens: int | None = None, *,
+                      training: bool = True) -> bool:
+    """Whether ``x·(W + s·B·A)ᵀ`` needs fewer multiply-adds than peft's separate form for ``tokens`` rows of x
+    (None: per token, as the rows grow without bound), with gradients for A and B (``training``) or without; the
+    frozen W gets no gradient either way."""
+    i, o, r = in_features, out_features, rank
+    per_token = 3 * i * o < 2 * i * o + 3 * r * (i + o) if training else i * o < i * o + r * (i + o)
+    if tokens is None:
+        return per_token
+    if training:
+        return 3 * tokens * i * o + 3 * i * o * r < tokens * (2 * i * o + 3 * r * (i + o))
+    return tokens * i * o + i * o * r < tokens * (i * o + r * (i + o))
 
 
 def _mergeable(layer) -> bool:
@@ -47,6 +58,11 @@ def _merged_forward(layer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     name = layer.active_adapters[0]
     base = layer.get_base_layer()
     a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
+    if layer._lora_forward == "auto":
+        training = torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)
+        if not merged_is_cheaper(base.in_features, base.out_features, a.shape[0], x.numel() // x.shape[-1],
+                                 training=training):
+            return type(layer).forward(layer, x)
     with torch.autocast(x.device.type, enabled=False):  # W + s·B·A in the LoRA's float32, whatever the autocast
         weight = torch.addmm(base.weight.to(a.dtype), b, a, alpha=layer.scaling[name])
     bias = base.bias
@@ -58,9 +74,10 @@ def _merged_forward(layer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
 
 
 def merge_lora_forward(module: torch.nn.Module, mode: str = "auto") -> int:
-    """Make ``module``'s peft LoRA Linear layers compute with their merged weight (``mode`` ``"merged"``: every
-    eligible layer, ``"auto"``: those where :func:`merged_is_cheaper`, ``"separate"``: none). Parameters, names
-    and state dicts are unchanged. Returns how many layers were switched."""
+    """Make ``module``'s peft LoRA Linear layers compute with their merged weight: ``"merged"`` every eligible
+    layer, ``"auto"`` at each call where :func:`merged_is_cheaper` for its shapes, ``"separate"`` none (peft's
+    form). Parameters, names and state dicts are unchanged. Returns how many layers may merge (for ``"auto"``: those
+    where merging is cheaper per token, i.e. once a call has enough rows)."""
     if mode not in LORA_FORWARDS:
         raise ValueError(f"lora forward {mode!r}: expected one of {LORA_FORWARDS}")
     count = 0
@@ -69,6 +86,7 @@ def merge_lora_forward(module: torch.nn.Module, mode: str = "auto") -> int:
             continue
         base, rank = layer.get_base_layer(), layer.r[layer.active_adapters[0]]
         if mode == "merged" or merged_is_cheaper(base.in_features, base.out_features, rank):
+            layer._lora_forward = mode
             layer.forward = _merged_forward.__get__(layer)
             count += 1
     return count

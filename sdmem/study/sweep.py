@@ -35,7 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..config import changed_training_keys, config_to_dict, fingerprint, read_yaml_mapping, stored_config
+from ..config import (changed_training_keys, config_to_dict, fingerprint, keys_added_since, read_yaml_mapping,
+                      stored_config)
 from ..errors import InputError
 from ..runs import KINDS, RunPaths, config_from_mapping, read_json
 from ..utils import atomic_write_text
@@ -313,8 +314,12 @@ def check_point(spec: Spec, p: Point) -> None:
     if old.get("fingerprint") != new["fingerprint"]:
         stored = stored_config(KINDS[p.config.kind], old["config"], str(path))
         keys = changed_training_keys(stored, p.config) or ["the training config"]
+        older = keys_added_since(KINDS[p.config.kind], old["config"])
+        named = [k for k in keys if k in older]
+        hint = (f" (it was made before {', '.join(named)} existed: add "
+                + ", ".join(f"{k}: {json.dumps(older[k])}" for k in named) + " to the spec's overrides)") if named else ""
         raise InputError(p.dir, f"was trained with other settings ({', '.join(keys)} differ); the spec changed a "
-                                "finished or started point: restore it or use another out_dir")
+                                f"finished or started point: restore it or use another out_dir{hint}")
     for key in ("generate", "report"):
         if old.get(key) != new[key]:
             raise InputError(p.dir, f"was made with {key} = {json.dumps(old.get(key))}, the spec now says "
