@@ -12,27 +12,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 for _name in ("diffusers", "transformers", "peft"):  # the sd extra
     pytest.importorskip(_name)
 
+from helpers import lora_pipeline  # noqa: E402
 from sdmem.generation import seeded_latents  # noqa: E402
 from sdmem.sd.tiny import make_tiny_sd  # noqa: E402
 
 PROMPTS = ["a picture of a tench", "a picture", "a picture of a tench", "a picture of a church"]
 SEEDS = [0, 1, 2, 3]
 KW = dict(resolution=64, steps=4, guidance_scale=7.5)
-
-
-def lora_pipeline(model):
-    """The tiny SD with a perturbed rank-4 LoRA on the attention projections (unfused peft layers)."""
-    from sdmem.sd.components import load_components, make_pipeline
-    from sdmem.sd.lora import add_lora
-
-    comps = load_components(str(model))
-    torch.manual_seed(0)
-    params = add_lora(comps.unet, rank=4, alpha=2, target_modules=["to_k", "to_q", "to_v", "to_out.0"])
-    with torch.no_grad():
-        for p in params:
-            p.add_(0.3 * torch.randn_like(p))
-    comps.unet.eval()
-    return make_pipeline(comps, comps.unet)
 
 
 def pipeline_call(pipe, prompts, seeds):

@@ -14,6 +14,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 for _name in ("diffusers", "transformers", "peft"):  # the sd extra
     pytest.importorskip(_name)
 
+from helpers import lora_pipeline  # noqa: E402
 from sdmem.sd.kernels import ContextKV, merge_lora_forward, merged_is_cheaper  # noqa: E402
 from sdmem.sd.tiny import make_imagenette_like, make_tiny_sd  # noqa: E402
 
@@ -186,29 +187,12 @@ def test_merged_lora_training_matches_peft_up_to_rounding_and_resumes_bitwise(tm
     assert ra.keys() == wa.keys() and all(torch.equal(ra[k], wa[k]) for k in wa)
 
 
-def _pipeline(model):
-    from sdmem.sd.components import load_components, make_pipeline
-    from sdmem.sd.lora import add_lora
-
-    from sdmem.sd.generate import fuse_lora
-
-    comps = load_components(str(model))
-    torch.manual_seed(0)
-    params = add_lora(comps.unet, rank=4, alpha=2, target_modules=["to_k", "to_q", "to_v", "to_out.0"])
-    with torch.no_grad():
-        for p in params:
-            p.add_(0.3 * torch.randn_like(p))
-    fuse_lora(comps.unet)
-    comps.unet.eval()
-    return make_pipeline(comps, comps.unet)
-
-
 def test_cross_attention_keys_and_values_are_kept_across_steps_with_identical_images(assets, one_thread):
     from sdmem.sd.generate import PromptEmbeddings, generate_images
 
     kw = dict(resolution=64, steps=4, guidance_scale=7.5)
     prompts, seeds = ["a picture of a tench", "a picture"], [0, 1]
-    pipe = _pipeline(assets["model"])
+    pipe = lora_pipeline(assets["model"], fuse=True)
     table = PromptEmbeddings(pipe)
     plain = [generate_images(pipe, prompts, seeds, embeddings=table, **kw) for _ in range(2)]
     kv = ContextKV(pipe.unet)
@@ -232,7 +216,7 @@ def test_cross_attention_keys_and_values_are_kept_across_steps_with_identical_im
 
 
 def test_with_autograd_on_nothing_is_kept(assets):
-    pipe = _pipeline(assets["model"])
+    pipe = lora_pipeline(assets["model"], fuse=True)
     kv = ContextKV(pipe.unet)
     attn = next(m for m in pipe.unet.modules() if getattr(m, "is_cross_attention", False))
     ctx = torch.randn(2, 77, 32)
