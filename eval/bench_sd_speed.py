@@ -107,11 +107,10 @@ def save_model(comps, out: Path) -> Path:
 # ------------------------------------------------------------------------------------------------------ training
 
 
-def best_round(rounds: list[list[dict]], batch: int) -> tuple[float, dict]:
-    """(images/s, stage seconds per step) of the fastest round (each round: a list of per-step stage dicts)."""
+def best_round(rounds: list[list[dict]]) -> dict:
+    """Stage seconds per step of the fastest round (each round: a list of per-step stage dicts)."""
     per_round = [{k: float(np.mean([s.get(k, 0.0) for s in steps])) for k in steps[0]} for steps in rounds]
-    per = min(per_round, key=lambda p: p["total"])
-    return batch / per["total"], per
+    return min(per_round, key=lambda p: p["total"])
 
 
 def sdmem_trainer(cfg_dict: dict, args, device):
@@ -398,7 +397,6 @@ def main() -> None:
 
     from sdmem.config import config_from_dict
     from sdmem.sd.config import SDDataConfig
-    from sdmem.data.subset import open_data_source
     from sdmem.sd.data import build_sd_subset, prompt_table
     from sdmem.sd.tiny import make_imagenette_like
     from sdmem.utils import resolve_device
@@ -424,8 +422,7 @@ def main() -> None:
         dcfg = config_from_dict(SDDataConfig, {"source": str(data), "size": 20, "resolution": args.resolution,
                                                "prompt": "class"})
         subset = build_sd_subset(dcfg)
-        source = open_data_source(str(data), labels=True, resolution=args.resolution)
-        files = [data / source.files[i] for i in subset.indices]  # D's image files, for the script's data stage
+        files = [data / f for f in subset.info["files"]]  # D's image files, for the script's data stage
         prompts = prompt_table(dcfg, subset.class_names)
         threads = f"{torch.get_num_threads()} threads" if device == "cpu" else torch.cuda.get_device_name()
         print(f"SD v1 layout x{args.scale}: UNet {n['unet']:.1f}M, VAE {n['vae']:.1f}M, text encoder "
@@ -451,9 +448,9 @@ def main() -> None:
                 rounds[name].append(one_round(args.train_steps))
         results = {}
         for name, (_, finish) in paths.items():
-            speed, per = best_round(rounds[name], args.batch)
+            per = best_round(rounds[name])
             extra, folder = finish()
-            per["total"] = args.batch / speed + sum(extra.values())
+            per["total"] += sum(extra.values())
             per.update({k: per.get(k, 0.0) + v for k, v in extra.items()})
             results[name] = (args.batch / per["total"], per)
             if folder is not None:

@@ -283,11 +283,11 @@ def stored_config(cls: type, data: Mapping, where: str = ""):
     return config_from_dict(cls, fill(cls, data), where)
 
 
-def keys_added_since(cls: type, data: Mapping) -> dict:
-    """{dotted key: value} of the training keys added later that a stored record ``data`` lacks (the run was made
-    before them), each at the value such runs trained with."""
-    present = flatten_config(data)
-    return {k: v for k, v in _since_defaults(cls).items() if k not in present}
+def keys_added_since(cls: type, data: Mapping, keys: Sequence[str]) -> dict:
+    """{dotted key: value} of those of ``keys`` that were added later and that a stored record ``data`` lacks (the
+    run was made before them), in the order of ``keys``, each at the value such runs trained with."""
+    present, later = flatten_config(data), _since_defaults(cls)
+    return {k: later[k] for k in keys if k in later and k not in present}
 
 
 def changed_training_keys(old, new) -> list[str]:

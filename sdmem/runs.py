@@ -136,10 +136,10 @@ def check_reuse(cfg, paths: RunPaths) -> None:
                                          "this folder") from None
         keys = changed_training_keys(stored, cfg)
         if keys:
-            older = keys_added_since(type(cfg), raw)
-            hint = [f"{k}={v if isinstance(v := older[k], str) else json.dumps(v)}" for k in keys if k in older]
-            hint = (f"; it was made before {', '.join(k for k in keys if k in older)} existed: finish it with "
-                    + " ".join(f"--set {h}" for h in hint)) if hint else ""
+            older = keys_added_since(type(cfg), raw, keys)
+            hint = (f"; it was made before {', '.join(older)} existed: finish it with "
+                    + " ".join(f"--set {k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in older.items())
+                    ) if older else ""
             raise InputError(paths.root, "holds a run trained with a different config (" + ", ".join(keys)
                              + " differ); refusing to resume it: use another out_dir or the original settings"
                              + hint)

@@ -32,9 +32,8 @@ def merged_is_cheaper(in_features: int, out_features: int, rank: int, tokens: in
     (None: per token, as the rows grow without bound), with gradients for A and B (``training``) or without; the
     frozen W gets no gradient either way."""
     i, o, r = in_features, out_features, rank
-    per_token = 3 * i * o < 2 * i * o + 3 * r * (i + o) if training else i * o < i * o + r * (i + o)
     if tokens is None:
-        return per_token
+        return 3 * i * o < 2 * i * o + 3 * r * (i + o) if training else i * o < i * o + r * (i + o)
     if training:
         return 3 * tokens * i * o + 3 * i * o * r < tokens * (2 * i * o + 3 * r * (i + o))
     return tokens * i * o + i * o * r < tokens * (i * o + r * (i + o))
@@ -114,10 +113,6 @@ class ContextKV:
     def __len__(self) -> int:
         return len(self.slots)
 
-    def clear(self) -> None:
-        for slot in self.slots:
-            slot.last = None
-
     def remove(self) -> None:
         for slot in self.slots:
             slot.remove()
@@ -139,11 +134,12 @@ class _Remembered:
         if torch.is_grad_enabled() or x.requires_grad:
             return F.linear(x, self.proj.weight, self.proj.bias)
         last = self.last
-        if last is not None and last[0] is x and last[1] == self.key(x):
+        key = self.key(x)
+        if last is not None and last[0] is x and last[1] == key:
             self.hits += 1
             return last[2]
         y = F.linear(x, self.proj.weight, self.proj.bias)
-        self.last = (x, self.key(x), y)
+        self.last = (x, key, y)
         return y
 
     def remove(self) -> None:

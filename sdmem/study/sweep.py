@@ -314,10 +314,10 @@ def check_point(spec: Spec, p: Point) -> None:
     if old.get("fingerprint") != new["fingerprint"]:
         stored = stored_config(KINDS[p.config.kind], old["config"], str(path))
         keys = changed_training_keys(stored, p.config) or ["the training config"]
-        older = keys_added_since(KINDS[p.config.kind], old["config"])
-        named = [k for k in keys if k in older]
-        hint = (f" (it was made before {', '.join(named)} existed: add "
-                + ", ".join(f"{k}: {json.dumps(older[k])}" for k in named) + " to the spec's overrides)") if named else ""
+        older = keys_added_since(KINDS[p.config.kind], old["config"], keys)
+        hint = (f" (it was made before {', '.join(older)} existed: add "
+                + ", ".join(f"{k}: {json.dumps(v)}" for k, v in older.items()) + " to the spec's overrides)"
+                ) if older else ""
         raise InputError(p.dir, f"was trained with other settings ({', '.join(keys)} differ); the spec changed a "
                                 f"finished or started point: restore it or use another out_dir{hint}")
     for key in ("generate", "report"):
