@@ -223,7 +223,8 @@ def _run_train_sd(cfg, args) -> int:
         return 0
     final = summary.get("final") or {}
     print(f"trained {summary['steps']} steps ({summary['images_seen']} images seen) on {summary['num_train']} images"
-          f"; last loss {summary['loss']:.4g}; {cfg.model.method} weights ({final.get('weights', 'ema')}) in "
+          + (f"; last loss {summary['loss']:.4g}" if summary.get("loss") is not None else "")
+          + f"; {cfg.model.method} weights ({final.get('weights', 'ema')}) in "
           f"{summary['out_dir']}")
     return 0
 

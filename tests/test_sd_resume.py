@@ -110,6 +110,15 @@ def test_resume_refusals_and_accepted_changes(tmp_path, assets):
     again = train(load_config(path, ["train.cache=false", "train.checkpoint_steps=5", "train.log_every_steps=7"]),
                   progress=False)
     assert again.get("already_done") and again["steps"] == 2
+    # Killed after its last checkpoint, before the outputs: re-running writes them from that checkpoint (no step runs)
+    # and reports the loss logged at that step, not nan.
+    weights = (run / "pytorch_lora_weights.safetensors").read_bytes()
+    logged = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    (run / "final.json").unlink()
+    (run / "pytorch_lora_weights.safetensors").unlink()
+    ended = train(cfg, progress=False)
+    assert not ended["already_done"] and ended["steps"] == 2 and ended["loss"] == logged[-1]["loss"] > 0
+    assert (run / "pytorch_lora_weights.safetensors").read_bytes() == weights and (run / "final.json").exists()
     # A corrupt newest checkpoint is refused and left as it is (final.json removed so training would resume).
     (run / "final.json").unlink()
     state = run / "checkpoints" / "step-0000002" / "state.safetensors"

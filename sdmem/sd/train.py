@@ -296,8 +296,11 @@ class SDTrainer:
         if not self.done and acc.is_main_process:
             with swapped_in(self.params, self.final_ema()):
                 final = save_outputs(cfg, paths, self.comps, self.comps.unet, self.step)
+        loss = None if self.done else self.loss
+        if loss is not None and math.isnan(loss):  # resumed at the last step: no step ran here, its loss is logged
+            loss = next((r["loss"] for r in reversed(JsonlLog(paths.log).rows()) if r.get("step") == self.step), None)
         summary = {"out_dir": str(paths.root), "steps": self.step, "images_seen": self.step * cfg.images_per_step,
-                   "num_train": len(self.subset), "loss": None if self.done else self.loss, "final": final,
+                   "num_train": len(self.subset), "loss": loss, "final": final,
                    "already_done": self.done, "main_process": acc.is_main_process}
         finish_accelerator(acc)
         return summary
