@@ -37,6 +37,7 @@ import contextlib
 import gc
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -393,7 +394,8 @@ def main() -> None:
     p.add_argument("--gen-steps", type=int, default=50)
     p.add_argument("--gen-rounds", type=int, default=2, help="interleaved generation rounds per path (best kept)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--work", help="keep the model, run and images here (default: a temporary folder)")
+    p.add_argument("--work", help="keep the model, run and images here (default: a temporary folder); a later run "
+                                  "with the same --work and --scale reuses the model")
     args = p.parse_args()
     args.rank = args.rank or max(1, round(256 * args.scale))
 
@@ -416,10 +418,18 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work or tmp)
         work.mkdir(parents=True, exist_ok=True)
-        comps = sd1_shaped_components(args.scale)
-        n = {k: sum(p.numel() for p in getattr(comps, k).parameters()) / 1e6 for k in ("unet", "vae", "text_encoder")}
-        model = save_model(comps, work / "model")
-        del comps
+        for old in ("run", "gen"):  # a kept --work folder: this run's outputs start afresh, the model is reused
+            shutil.rmtree(work / old, ignore_errors=True)
+        model, marker = work / "model", work / "model" / "bench_sd_speed.json"
+        n = json.loads(marker.read_text()) if marker.exists() else {}
+        if n.get("scale") != args.scale:
+            comps = sd1_shaped_components(args.scale)
+            n = {k: sum(p.numel() for p in getattr(comps, k).parameters()) / 1e6 for k in ("unet", "vae",
+                                                                                           "text_encoder")}
+            shutil.rmtree(model, ignore_errors=True)
+            save_model(comps, model)
+            marker.write_text(json.dumps({**n, "scale": args.scale}))
+            del comps
         data = make_imagenette_like(work / "inet", per_class=2, size=(320, 400))
         dcfg = config_from_dict(SDDataConfig, {"source": str(data), "size": 20, "resolution": args.resolution,
                                                "prompt": "class"})
