@@ -61,6 +61,10 @@ def _state(run: Path, step: int) -> dict:
     return load_file(str(run / "checkpoints" / f"step-{step:07d}" / "state.safetensors"))
 
 
+def _same_tensors(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_resume_after_kill_is_bitwise_equal(tmp_path, assets):
     path_a, path_b = write_config(tmp_path, "a", assets), write_config(tmp_path, "b", assets)
     # Run a uninterrupted, side by side with run b, which is killed (SIGKILL) once its first checkpoint exists.
@@ -83,7 +87,7 @@ def test_resume_after_kill_is_bitwise_equal(tmp_path, assets):
         assert torch.equal(wa[k], wb[k]), k
     la = load_file(str(tmp_path / "a" / "pytorch_lora_weights.safetensors"))
     lb = load_file(str(tmp_path / "b" / "pytorch_lora_weights.safetensors"))
-    assert la.keys() == lb.keys() and all(torch.equal(la[k], lb[k]) for k in la)
+    assert _same_tensors(la, lb)
     meta_a = json.loads((tmp_path / "a" / "checkpoints" / "step-0000016" / "meta.json").read_text())
     meta_b = json.loads((tmp_path / "b" / "checkpoints" / "step-0000016" / "meta.json").read_text())
     assert meta_a["lr_scheduler"] == meta_b["lr_scheduler"] and meta_a["lr_scheduler"]["last_epoch"] == 16
@@ -118,8 +122,8 @@ def test_resume_refusals_and_accepted_changes(tmp_path, assets):
     (run / "pytorch_lora_weights.safetensors").unlink()
     ended = train(cfg, progress=False)
     assert not ended["already_done"] and ended["steps"] == 2 and ended["loss"] == logged[-1]["loss"] > 0
-    again_weights = load_file(str(run / "pytorch_lora_weights.safetensors"))  # (the header's key order may vary)
-    assert again_weights.keys() == weights.keys() and all(torch.equal(again_weights[k], weights[k]) for k in weights)
+    # (compared as tensors: the safetensors header's metadata order may vary between saves)
+    assert _same_tensors(load_file(str(run / "pytorch_lora_weights.safetensors")), weights)
     assert (run / "final.json").exists()
     # A corrupt newest checkpoint is refused and left as it is (final.json removed so training would resume).
     (run / "final.json").unlink()

@@ -203,7 +203,7 @@ class SDTrainer:
             comps.vae, comps.tokenizer, comps.text_encoder, np.asarray(self.subset.images), self.prompts,
             device=self.device, dtype=torch.float32)
         self.gen, self.bad, self.t_last = torch.Generator(device=self.device), 0, time.perf_counter()
-        self.loss = float("nan")
+        self.loss: float | None = None  # the last step's loss; None until a step runs in this process
 
     def loss_step(self) -> float:
         """One optimizer step: ``gradient_accumulation`` passes of batch_size images (per_rank here), seeded by the
@@ -297,7 +297,7 @@ class SDTrainer:
             with swapped_in(self.params, self.final_ema()):
                 final = save_outputs(cfg, paths, self.comps, self.comps.unet, self.step)
         loss = None if self.done else self.loss
-        if loss is not None and math.isnan(loss):  # resumed at the last step: no step ran here, its loss is logged
+        if loss is None and not self.done:  # resumed at the last step: no step ran here, its loss is in the log
             loss = next((r["loss"] for r in reversed(JsonlLog(paths.log).rows()) if r.get("step") == self.step), None)
         summary = {"out_dir": str(paths.root), "steps": self.step, "images_seen": self.step * cfg.images_per_step,
                    "num_train": len(self.subset), "loss": loss, "final": final,
