@@ -374,7 +374,7 @@ def _run_sweep(args) -> int:
     from .study.sweep import dry_run, load_spec, markdown_table, parse_shard, run_sweep
 
     spec = load_spec(args.spec)
-    shard = parse_shard(args.shard) if args.shard else None
+    shard = parse_shard(args.shard) if args.shard is not None else None
     if args.dry_run:
         rows = dry_run(spec, only=args.only, shard=shard)
         cols = ["point", *spec.swept, "size", "num_params", "status"]

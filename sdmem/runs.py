@@ -19,6 +19,7 @@ from . import config as _engine
 from .config import changed_training_keys, config_to_dict, keys_added_since, stored_config
 from .edm.config import EDMConfig
 from .errors import InputError
+from .records import read_json  # noqa: F401 (the one JSON reader; sdmem.runs.read_json kept for callers)
 from .sd.config import SDConfig
 from .utils import atomic_write_text
 
@@ -81,17 +82,6 @@ def _numbered(folder: Path, pattern: re.Pattern) -> dict[int, Path]:
         return {}
     found = {int(m.group(1)): p for p in folder.iterdir() if (m := pattern.match(p.name))}
     return dict(sorted(found.items()))
-
-
-def read_json(path: str | os.PathLike, what: str = "JSON file"):
-    """The parsed content of a JSON file; unreadable, not UTF-8 or not JSON is an InputError naming it."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise InputError(path, f"no such {what}") from None
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise InputError(path, f"unreadable {what} ({exc.__class__.__name__}: {exc})") from None
 
 
 def is_run_dir(path: str | os.PathLike) -> bool:

@@ -52,11 +52,62 @@ def save_png(path: str | os.PathLike, image: np.ndarray) -> None:
     atomic_write(path, lambda p: Image.fromarray(image).save(p, format="PNG"))
 
 
+STAGING_PREFIX = ".staging-"
+STAGING_STALE_S = 24 * 3600.0  # a staging folder this old is a dead process's even if its pid was reused
+
+
+def _staging_name() -> str:
+    import socket
+
+    return f"{STAGING_PREFIX}{socket.gethostname()}-{os.getpid()}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True
+    return True
+
+
+def remove_stale_staging(folder: str | os.PathLike) -> list[Path]:
+    """Remove the staging folders that a killed sdmem process left in ``folder`` (``.staging-HOST-PID``, or the
+    older ``.staging-PID``): those of this host whose process is gone, and any older than a day. Another host's
+    recent staging, and anything else, is left alone. Returns what was removed."""
+    import shutil
+    import socket
+    import time
+
+    folder, removed = Path(folder), []
+    if not folder.is_dir():
+        return removed
+    host = socket.gethostname()
+    for entry in folder.iterdir():
+        if not entry.name.startswith(STAGING_PREFIX) or not entry.is_dir() or entry.is_symlink():
+            continue
+        who, _, pid = entry.name[len(STAGING_PREFIX):].rpartition("-")
+        if not pid.isdigit():
+            continue
+        try:
+            old = time.time() - entry.stat().st_mtime > STAGING_STALE_S
+        except OSError:
+            continue
+        mine = who in ("", host)
+        if old or (mine and int(pid) != os.getpid() and not _pid_alive(int(pid))):
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    return removed
+
+
 @contextlib.contextmanager
 def staged_folder(out: str | os.PathLike):
-    """Build a folder's content in ``out/.staging-PID`` and move it into ``out`` only when the block succeeds:
-    a failure leaves ``out`` as it was (removed again if this call created it). The staging folder lives inside
-    ``out`` itself, so every rename stays on one file system."""
+    """Build a folder's content in ``out/.staging-HOST-PID`` and move it into ``out`` only when the block
+    succeeds: a failure leaves ``out`` as it was (removed again if this call created it), and a kill leaves only
+    the staging folder, which the next staged write into ``out`` removes (:func:`remove_stale_staging`). The
+    staging folder lives inside ``out`` itself, so every rename stays on one file system. An entry of the stage
+    replaces the entry of that name in ``out`` (a folder included): callers own those names."""
     import shutil
 
     out = Path(out)
@@ -67,9 +118,13 @@ def staged_folder(out: str | os.PathLike):
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise InputError(out, f"cannot create the folder ({exc.strerror or exc})") from None
-    stage = out / f".staging-{os.getpid()}"
+    remove_stale_staging(out)
+    stage = out / _staging_name()
     shutil.rmtree(stage, ignore_errors=True)
-    stage.mkdir()
+    try:
+        stage.mkdir()
+    except OSError as exc:
+        raise InputError(out, f"cannot write into the folder ({exc.strerror or exc})") from None
     try:
         yield stage
         for entry in sorted(stage.iterdir()):

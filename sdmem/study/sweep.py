@@ -35,11 +35,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..config import (changed_training_keys, config_to_dict, fingerprint, keys_added_since, read_yaml_mapping,
-                      stored_config)
+from ..config import (config_to_dict, diff_configs, fingerprint, flatten_config, keys_added_since,
+                      read_yaml_mapping, stored_config)
 from ..errors import InputError
-from ..runs import KINDS, RunPaths, config_from_mapping, read_json
-from ..utils import atomic_write_text
+from ..records import CLAIM, FINAL, POINT, RESULT, SUBSET_INFO, SWEEP, TRACKED, check, read_record
+from ..runs import KINDS, RunPaths, config_from_mapping
+from ..utils import atomic_write_text, staged_folder
 
 SPEC_KEYS = ("out_dir", "base", "overrides", "axes", "zip", "generate", "report", "kind")
 GENERATE_KEYS = {"num": int, "batch": int, "steps": int, "seed": int}
@@ -88,36 +89,41 @@ def parse_spec(raw: dict, path: Path) -> Spec:
     elif not isinstance(base, dict):
         raise _err(path, "base", f"expected a config path (relative to the spec) or a mapping, got {base!r}")
     base = dict(base)
+    out_dir = raw["out_dir"]
+    if not isinstance(out_dir, str) or not out_dir.strip():
+        raise _err(path, "out_dir", f"expected a folder path (a non-empty string), got {out_dir!r}")
     if "kind" in raw:
+        if not isinstance(raw["kind"], str):
+            raise _err(path, "kind", f"expected a model kind (a string), got {raw['kind']!r}")
         base["kind"] = raw["kind"]
-    overrides = raw.get("overrides") or {}
-    if not isinstance(overrides, dict):
-        raise _err(path, "overrides", "expected a mapping of dotted keys to values")
-    axes = raw.get("axes") or {}
-    if not isinstance(axes, dict):
-        raise _err(path, "axes", "expected a mapping of dotted keys to lists of values")
+    overrides = _typed(raw, "overrides", dict, path, "a mapping of dotted keys to values")
+    axes = _typed(raw, "axes", dict, path, "a mapping of dotted keys to lists of values")
     for key, values in axes.items():
         if not isinstance(values, list) or not values:
             raise _err(path, f"axes.{key}", "expected a non-empty list of values")
-    zips = raw.get("zip") or []
-    if not isinstance(zips, list):
-        raise _err(path, "zip", "expected a list of groups, each mapping dotted keys to lists of equal length")
+        _no_repeats(path, f"axes.{key}", [[v] for v in values], [key])
+    zips = _typed(raw, "zip", list, path, "a list of groups, each mapping dotted keys to lists of equal length")
     for g, group in enumerate(zips):
         if isinstance(group, dict) and "name" in group:
             labels = group["name"]
             if not isinstance(labels, list) or len(set(map(str, labels))) != len(labels):
                 raise _err(path, f"zip[{g}].name", "expected a list of distinct labels, one per entry")
+            bad = next((x for x in labels if not safe_name(str(x))), None)
+            if bad is not None:
+                raise _err(path, f"zip[{g}].name", f"label {str(bad)!r} is not a safe folder name ({NAME_RULE})")
         if not isinstance(group, dict) or not group:
             raise _err(path, f"zip[{g}]", "expected a mapping of dotted keys to lists of equal length")
         lengths = {k: len(v) if isinstance(v, list) else -1 for k, v in group.items()}
         if min(lengths.values()) < 1 or len(set(lengths.values())) != 1:
             raise _err(path, f"zip[{g}]", "expected non-empty lists of one length, got lengths "
                                           + ", ".join(f"{k}: {n if n >= 0 else 'not a list'}" for k, n in lengths.items()))
+        keys = [k for k in group if k != "name"]
+        _no_repeats(path, f"zip[{g}]", [[group[k][i] for k in keys] for i in range(lengths[keys[0]])], keys)
     swept = list(axes) + [k for group in zips for k in group if k != "name"]
     twice = sorted({k for k in swept if swept.count(k) > 1} | (set(swept) & set(overrides)))
     if twice:
         raise _err(path, twice[0], "is set more than once (axes, zip groups and overrides must not overlap)")
-    generate = raw.get("generate") or {}
+    generate = raw.get("generate")
     if not isinstance(generate, dict) or "num" not in generate:
         raise _err(path, "generate", "expected a mapping with at least num (images generated and audited per point)")
     for key, value in generate.items():
@@ -129,10 +135,41 @@ def parse_spec(raw: dict, path: Path) -> Spec:
     report = raw.get("report", "best")
     if report not in ("best", "final"):
         raise _err(path, "report", f"expected best or final, got {report!r}")
-    spec = Spec(path, Path(str(raw["out_dir"])), base, dict(overrides), dict(axes), list(zips), dict(generate), report,
+    spec = Spec(path, Path(out_dir), base, dict(overrides), dict(axes), list(zips), dict(generate), report,
                 swept)
     points(spec)  # every point's config is checked now, before anything runs
     return spec
+
+
+def _typed(raw: dict, key: str, kind: type, path: Path, expected: str):
+    """``raw[key]`` (absent or null: empty) when it is of ``kind``; anything else is refused naming the key."""
+    value = raw.get(key)
+    if value is None:
+        return kind()
+    if not isinstance(value, kind):
+        raise _err(path, key, f"expected {expected}, got {type(value).__name__} {value!r}"[:200])
+    return value
+
+
+def _no_repeats(path: Path, where: str, entries: list[list], keys: list[str]) -> None:
+    """Refuse an axis (or zip group) that lists one value (entry) twice: it would give two identical points."""
+    seen: dict[str, int] = {}
+    for i, entry in enumerate(entries):
+        text = json.dumps(entry, sort_keys=True)
+        if text in seen:
+            shown = ", ".join(f"{k} = {json.dumps(v)}" for k, v in zip(keys, entry))
+            raise _err(path, where, f"{shown} is listed twice (entries {seen[text] + 1} and {i + 1}): "
+                                    "each point must be distinct")
+        seen[text] = i
+
+
+NAME_RULE = "letters, digits and . _ + - only, not starting with a dot, at most 200 characters"
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9_+-][A-Za-z0-9._+-]{0,199}$")
+
+
+def safe_name(name: str) -> bool:
+    """True for a single folder name that stays inside its parent: no separators, not ``.``/``..``, no dotfile."""
+    return bool(_SAFE_NAME.match(name))
 
 
 @dataclass
@@ -190,15 +227,36 @@ def point_config(spec: Spec, values: dict[str, Any], run_dir: Path):
 
 def points(spec: Spec) -> list[Point]:
     """Every point of the spec, in a deterministic order (by name); names are unique."""
-    out = {}
-    for values, labels in _combinations(spec):
-        named = {k for group in spec.zips if "name" in group for k in group if k != "name"}
-        name = point_name({k: v for k, v in values.items() if k not in named}, labels)
-        if name in out:  # two values with the same short form: fall back to the full dotted keys
-            name = "_".join(f"{k}-{_slug(v)}" for k, v in values.items())
+    out: dict[str, Point] = {}
+    named = {k for group in spec.zips if "name" in group for k in group if k != "name"}
+    combos = _combinations(spec)
+    short = [point_name({k: v for k, v in values.items() if k not in named}, labels) for values, labels in combos]
+    for (values, labels), name in zip(combos, short):
+        if short.count(name) > 1:  # two values with the same short form: the full dotted keys tell them apart
+            name = "_".join([f"{k}-{_slug(v)}" for k, v in values.items()] + [_slug(x) for x in labels])
+        if not safe_name(name):
+            raise _err(spec.path, ", ".join(values) or "base", f"the point folder name {name!r} is not a safe "
+                                                               f"folder name ({NAME_RULE})")
+        if name in out:
+            raise _err(spec.path, ", ".join(k for k in values if values[k] != out[name].values.get(k)) or "axes",
+                       f"two points get the folder name {name!r} ({_shown(out[name].values)} and "
+                       f"{_shown(values)}): give the values distinct text, or label a zip group with name")
         folder = spec.out_dir / name
         out[name] = Point(name, values, point_config(spec, values, folder / "run"), folder)
+    by_config: dict[str, Point] = {}
+    for p in out.values():  # e.g. an axis value null (the base's) beside the base's own value
+        text = json.dumps({k: v for k, v in config_to_dict(p.config).items() if k != "out_dir"}, sort_keys=True)
+        if text in by_config:
+            q = by_config[text]
+            raise _err(spec.path, ", ".join(k for k in p.values if p.values[k] != q.values.get(k)) or "axes",
+                       f"points {q.name} and {p.name} train the same config ({_shown(q.values)} and "
+                       f"{_shown(p.values)}): each point must be distinct")
+        by_config[text] = p
     return [out[k] for k in sorted(out)]
+
+
+def _shown(values: dict) -> str:
+    return ", ".join(f"{k} = {json.dumps(v)}" for k, v in values.items()) or "no values"
 
 
 def select(pts: list[Point], only: Sequence[str] = (), shard: tuple[int, int] | None = None) -> list[Point]:
@@ -233,15 +291,16 @@ def parse_shard(text: str) -> tuple[int, int]:
 # Claims: one worker per point, a dead worker's claim taken over.
 
 def _alive(claim: dict) -> bool:
-    if claim.get("host") == socket.gethostname():
+    """Whether the worker of a (checked) claim is alive: its process on this host, else its heartbeat's age."""
+    if claim["host"] == socket.gethostname():
         try:
-            os.kill(int(claim.get("pid", -1)), 0)
+            os.kill(int(claim["pid"]), 0)
             return True
-        except (ProcessLookupError, ValueError):
+        except (ProcessLookupError, ValueError, OverflowError):
             return False
         except PermissionError:
             return True
-    return time.time() - float(claim.get("heartbeat", 0)) < CLAIM_STALE_S
+    return time.time() - float(claim["heartbeat"]) < CLAIM_STALE_S
 
 
 class Claim:
@@ -254,6 +313,19 @@ class Claim:
     def _body(self) -> str:
         return json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "heartbeat": time.time()})
 
+    def _held(self) -> dict:
+        """The claim on file. A damaged one (unreadable, not JSON, or not the claim record: a worker killed while
+        writing it, or a foreign file) counts as a dead worker's once its file time is CLAIM_STALE_S old, and as a
+        live one before that (it may be a worker between creating and writing it)."""
+        try:
+            return check(CLAIM, json.loads(self.path.read_text(encoding="utf-8")), self.path)
+        except (OSError, ValueError, InputError):
+            try:
+                mtime = self.path.stat().st_mtime
+            except OSError:
+                mtime = 0.0
+            return {"host": "", "pid": -1, "heartbeat": mtime}
+
     def acquire(self) -> bool:
         """True when this worker now holds the point (a dead worker's claim is taken over)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -261,11 +333,7 @@ class Claim:
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
-                try:
-                    held = json.loads(self.path.read_text())
-                except (OSError, ValueError):
-                    held = {"heartbeat": self.path.stat().st_mtime if self.path.exists() else 0}
-                if _alive(held):
+                if _alive(self._held()):
                     return False
                 try:  # only one worker can rename the dead claim away; it then retries the exclusive create
                     os.rename(self.path, self.path.with_name(f".claim.dead-{os.getpid()}"))
@@ -302,28 +370,172 @@ def _point_record(spec: Spec, p: Point) -> dict:
             "config": config_to_dict(p.config), "generate": spec.generate, "report": spec.report}
 
 
-def check_point(spec: Spec, p: Point) -> None:
-    """Refuse a point folder made by another spec (naming what differs): its results would not be this spec's."""
+# Growing these keys continues a point's run (the trainer resumes into the longer schedule): the point is trained
+# on and reported again, never reported from the shorter run.
+CONTINUED = ("train.epochs",)
+
+
+def point_changes(kind: str, old_config: dict, new_config, where: str) -> tuple[list[str], bool]:
+    """(dotted keys whose values differ between a point's recorded config and its config now, whether the change
+    only continues training: CONTINUED keys grown, the same fingerprint). ``out_dir`` (the folder) is not compared."""
+    cls = KINDS.get(kind)
+    if cls is None:
+        raise InputError(where, f"records a point of kind {kind!r}; expected one of {', '.join(KINDS)}")
+    stored = stored_config(cls, old_config, where)
+    keys = [k for k in diff_configs(stored, new_config) if k != "out_dir"]
+    before, now = flatten_config(stored), flatten_config(new_config)
+    grown = bool(keys) and all(k in CONTINUED and isinstance(before.get(k), int) and now.get(k, 0) > before[k]
+                               for k in keys) and fingerprint(stored) == fingerprint(new_config)
+    return keys, grown
+
+
+def _refusal(where, kind: str, old_config: dict, keys: list[str], what: str) -> InputError:
+    older = keys_added_since(KINDS[kind], old_config, keys)
+    hint = (f" (it was made before {', '.join(older)} existed: add "
+            + ", ".join(f"{k}: {json.dumps(v)}" for k, v in older.items()) + " to the spec's overrides)"
+            ) if older else ""
+    return InputError(where, f"{what} with other settings ({', '.join(keys)} differ): the spec changed a started or "
+                             f"finished point; restore it or use another out_dir{hint}")
+
+
+def check_point(spec: Spec, p: Point) -> bool:
+    """Refuse a point folder made by another spec (naming what differs): its results would not be this spec's.
+    True when the spec only grows the point's training (CONTINUED keys): the caller re-opens the point."""
     path = p.dir / "point.json"
     if not path.exists():
-        return
-    old = read_json(path, "sweep point record")
-    if not isinstance(old, dict) or old.get("kind") != p.config.kind:
-        raise InputError(p.dir, "holds a point of another kind or an unreadable point.json; use another out_dir")
+        if p.dir.is_dir() and any(e.name not in ("claim.json",) and not e.name.startswith(".claim.dead-")
+                                  for e in p.dir.iterdir()):
+            raise InputError(p.dir, "holds files but no point.json: sdmem did not make this point folder; "
+                                    "refusing to write into it (move it away or use another out_dir)")
+        return False
+    old = read_record(path, POINT)
+    if old["kind"] != p.config.kind:
+        raise InputError(path, f"holds a point of kind {old['kind']!r}, the spec's is {p.config.kind}: use another "
+                               "out_dir")
+    keys, grown = point_changes(old["kind"], old["config"], p.config, str(path))
+    if keys and not grown:
+        raise _refusal(p.dir, old["kind"], old["config"], keys, "was made")
     new = _point_record(spec, p)
-    if old.get("fingerprint") != new["fingerprint"]:
-        stored = stored_config(KINDS[p.config.kind], old["config"], str(path))
-        keys = changed_training_keys(stored, p.config) or ["the training config"]
-        older = keys_added_since(KINDS[p.config.kind], old["config"], keys)
-        hint = (f" (it was made before {', '.join(older)} existed: add "
-                + ", ".join(f"{k}: {json.dumps(v)}" for k, v in older.items()) + " to the spec's overrides)"
-                ) if older else ""
-        raise InputError(p.dir, f"was trained with other settings ({', '.join(keys)} differ); the spec changed a "
-                                f"finished or started point: restore it or use another out_dir{hint}")
     for key in ("generate", "report"):
-        if old.get(key) != new[key]:
-            raise InputError(p.dir, f"was made with {key} = {json.dumps(old.get(key))}, the spec now says "
+        if old[key] != new[key]:
+            raise InputError(p.dir, f"was made with {key} = {json.dumps(old[key])}, the spec now says "
                                     f"{json.dumps(new[key])}: restore it or use another out_dir")
+    if (p.dir / "result.json").exists() and not grown:
+        read_result(p)
+    return grown
+
+
+def read_result(p: Point) -> dict:
+    """A finished point's result.json, checked; a damaged one is refused (delete it and the point is redone)."""
+    path = p.dir / "result.json"
+    try:
+        return read_record(path, RESULT)
+    except InputError as exc:
+        raise InputError(exc.where, f"{exc.problem}; delete it and re-run to redo the point") from None
+
+
+def reopen_point(p: Point) -> None:
+    """A point whose training grows: its report (result.json, generated/, audit/) goes; its run is trained on."""
+    for name in ("result.json", "generated", "audit"):
+        target = p.dir / name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        elif target.exists() or target.is_symlink():
+            target.unlink()
+
+
+# The sweep folder's own record: what made it (the points and their configs, generate, report).
+
+SWEEP_FORMAT = "sdmem-sweep/1"
+# Names sdmem writes into a sweep folder besides the point folders (collect, emm, compare, curves, enough).
+SWEEP_FILES = {"sweep.json", "results.csv", "results.md", "emm.csv", "emm.png", "compare.md", "compare.csv",
+               "compare.png", "curves.csv", "curves.png", "enough.csv", "enough.png"}
+
+
+def sweep_record(spec: Spec, pts: list[Point]) -> dict:
+    return {"format": SWEEP_FORMAT, "spec": str(spec.path), "generate": spec.generate, "report": spec.report,
+            "points": {p.name: {"values": p.values, "kind": p.config.kind,
+                                "config": {k: v for k, v in config_to_dict(p.config).items() if k != "out_dir"}}
+                       for p in pts}}
+
+
+def _legacy_entry(entry: Path, names: set[str]) -> bool:
+    """True for what an earlier sdmem (no sweep.json yet) wrote: its files, its staging, this spec's points."""
+    if entry.name in SWEEP_FILES or entry.name.startswith(".staging-") or entry.name.startswith(".results"):
+        return True
+    return entry.is_dir() and not entry.is_symlink() and entry.name in names
+
+
+def open_sweep_folder(spec: Spec, pts: list[Point]) -> list[str]:
+    """Make ``out_dir`` this spec's sweep folder, or check that it is: its sweep.json must record the same points,
+    configs, generate and report. A folder that holds anything sdmem did not make is refused, never cleaned; one
+    an earlier sdmem made (no sweep.json) is adopted when it holds only this spec's points and sdmem's files.
+    Returns the points whose training the spec grows (CONTINUED keys), to be re-opened."""
+    out, new = spec.out_dir, sweep_record(spec, pts)
+    path = out / "sweep.json"
+    if out.exists() and not out.is_dir():
+        raise InputError(out, "exists and is not a folder; out_dir must be a folder")
+    if out.is_dir() and not path.exists():
+        names = {p.name for p in pts}
+        foreign = sorted(e.name for e in out.iterdir() if not _legacy_entry(e, names))
+        if foreign:
+            raise InputError(out, f"holds files that are not this sweep's ({', '.join(map(repr, foreign[:3]))}"
+                                  f"{', ...' if len(foreign) > 3 else ''}) and no sweep.json: sdmem did not make it "
+                                  "for this spec; refusing to write into it (use another out_dir)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(out, f"cannot create the sweep folder ({exc.strerror or exc})") from None
+    if not path.exists() and _create_exclusive(path, json.dumps(new, indent=1) + "\n"):
+        return []
+    old = read_record(path, SWEEP)
+    grown = _compare_sweeps(path, old, new, {p.name: p for p in pts})
+    if grown:
+        atomic_write_text(path, json.dumps(new, indent=1) + "\n")
+    return grown
+
+
+def _create_exclusive(path: Path, text: str) -> bool:
+    """Write ``path`` only if it does not exist (concurrent workers: exactly one wins); True when this call did."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    except OSError as exc:
+        raise InputError(path, f"cannot write the sweep record ({exc.strerror or exc})") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _compare_sweeps(path: Path, old: dict, new: dict, pts: dict[str, Point]) -> list[str]:
+    for key in ("generate", "report"):
+        if old[key] != new[key]:
+            raise InputError(path, f"this sweep folder was made with {key} = {json.dumps(old[key])}, the spec says "
+                                   f"{json.dumps(new[key])}: restore it or use another out_dir")
+    was, now = set(old["points"]), set(new["points"])
+    if was != now:
+        added, gone = sorted(now - was), sorted(was - now)
+        parts = ([f"adds {', '.join(added[:3])}{' ...' if len(added) > 3 else ''}"] if added else []) + \
+                ([f"lacks {', '.join(gone[:3])}{' ...' if len(gone) > 3 else ''}"] if gone else [])
+        raise InputError(path, f"this sweep folder was made by a spec with other points (this spec "
+                               f"{' and '.join(parts)}; made by {old.get('spec')!r}): use another out_dir")
+    grown = []
+    for name in sorted(now):
+        rec, p = old["points"][name], pts[name]
+        where = f"{path}: points.{name}"
+        if not isinstance(rec, dict) or not isinstance(rec.get("config"), dict) or not isinstance(rec.get("kind"), str):
+            raise InputError(where, "expected a JSON object with kind and config (sweep record)")
+        if rec["kind"] != p.config.kind:
+            raise InputError(where, f"records kind {rec['kind']!r}, the spec's point is {p.config.kind}")
+        keys, grows = point_changes(rec["kind"], {**rec["config"], "out_dir": str(p.run_dir)}, p.config, where)
+        if keys and not grows:
+            raise _refusal(p.dir, rec["kind"], rec["config"], keys, "was recorded")
+        if grows:
+            grown.append(name)
+    return grown
 
 
 def run_point(spec: Spec, p: Point, *, progress: bool = True, device: str = "auto", main: bool = True) -> dict | None:
@@ -373,21 +585,23 @@ def _report_edm(spec: Spec, p: Point, progress: bool, device: str) -> dict:
     from ..edm.generate import generate_run
 
     paths = RunPaths(p.run_dir)
-    info = read_json(paths.subset_info, "subset record")
+    info = read_record(paths.subset_info, SUBSET_INFO)
     row = {"num_params": num_params(p.config, int(info["resolution"]), int(info["label_dim"])),
            "size": int(info["size"])}
     if spec.report == "best":
-        best = read_json(paths.best, "best snapshot record")
+        best = read_record(paths.best, TRACKED)
         lo, hi = best["memorization_ratio_ci95"]
         row.update(memorization_ratio=best["memorization_ratio"], memorization_ratio_low=lo,
-                   memorization_ratio_high=hi, knn_distance=best["knn_distance"], epoch=best["epoch"],
-                   step=best["step"], images_seen=best["nimg"], num_generated=best["num_generated"])
+                   memorization_ratio_high=hi, knn_distance=best["knn_distance"], epoch=int(best["epoch"]),
+                   step=int(best["step"]), images_seen=int(best["nimg"]), num_generated=int(best["num_generated"]))
         tracked = paths.tracking_audit(int(best["epoch"]))
         if tracked.is_dir():  # the best snapshot's own audit (per-sample flags) becomes the point's audit
-            shutil.rmtree(p.dir / "audit", ignore_errors=True)
-            shutil.copytree(tracked, p.dir / "audit")
+            _replace_audit(p.dir / "audit", tracked)
+        row["fid"] = _best_fid(p, int(best["epoch"]), progress, device)
         return row
     snaps = paths.list_snapshots()
+    if not snaps:
+        raise InputError(paths.snapshots, "holds no EMA snapshot to report (the run saved none)")
     epoch = max(snaps)
     row.update(_generate_and_audit(spec, p, generate_run, progress, device, snapshot=str(epoch)))
     from ..edm.run import snapshot_info
@@ -403,13 +617,41 @@ def _report_sd(spec: Spec, p: Point, progress: bool, device: str) -> dict:
     from ..sd.train import count_trainable
 
     paths = RunPaths(p.run_dir)
-    final = read_json(paths.final, "final weights record")
+    final = read_record(paths.final, FINAL)
     row = {"num_params": count_trainable(p.config, resolve_pretrained(p.config.model.pretrained,
                                                                       p.config.model.revision, download=False)),
-           "size": int(read_json(paths.subset_info, "subset record")["size"])}
+           "size": int(read_record(paths.subset_info, SUBSET_INFO)["size"])}
     row.update(_generate_and_audit(spec, p, generate_run, progress, device))
-    row.update(epoch=None, step=final["step"], images_seen=final["images_seen"])
+    row.update(epoch=None, step=int(final["step"]), images_seen=int(final["images_seen"]))
     return row
+
+
+def _replace_audit(target: Path, tracked: Path) -> None:
+    """Copy the tracked snapshot's audit to the point's audit/ (a copy beside it, then swapped in). An audit/
+    that is not an sdmem audit folder (no summary.json) is the user's: refused, never removed."""
+    if target.exists() and not (target.is_dir() and not target.is_symlink() and (target / "summary.json").is_file()):
+        raise InputError(target, "exists and is not an sdmem audit folder (no summary.json); refusing to replace it")
+    tmp = target.with_name(f".audit.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(tracked, tmp)
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(tmp, target)
+
+
+def _best_fid(p: Point, epoch: int, progress: bool, device: str) -> float | None:
+    """report: best: the FID of the best snapshot's images, when the Inception weights are in their default place
+    (else None, an empty cell). The tracked images are not kept, so they are generated again from that EMA
+    snapshot with the tracked seeds, batch and steps (the same seed grid) into generated/."""
+    from ..edm.generate import generate_run
+    from ..fid import compute_fid, weights_available
+
+    if not weights_available():
+        return None
+    t = p.config.track
+    generate_run(p.run_dir, p.dir / "generated", seeds=list(range(t.seed, t.seed + t.num_images)),
+                 snapshot=str(epoch), batch=t.batch, steps=t.steps, device=device, progress=progress)
+    return compute_fid(p.dir / "generated", p.run_dir, device=device, progress=progress).fid
 
 
 # Collection: results.csv and results.md from the finished points.
@@ -420,7 +662,7 @@ def collect(spec: Spec, pts: list[Point]) -> list[dict]:
     for p in pts:
         path = p.dir / "result.json"
         if path.exists():
-            result = read_json(path, "point result")
+            result = read_result(p)
             rows.append({**{k: _cell(v) for k, v in p.values.items()},
                          **{c: result.get(c) for c in RESULT_COLUMNS if c != "point"}, "point": p.name})
     return rows
@@ -441,11 +683,10 @@ def write_results(spec: Spec, rows: list[dict]) -> tuple[Path, Path]:
     writer.writeheader()
     for row in rows:
         writer.writerow({c: "" if row.get(c) is None else row.get(c) for c in columns})
-    spec.out_dir.mkdir(parents=True, exist_ok=True)
-    csv_path, md_path = spec.out_dir / "results.csv", spec.out_dir / "results.md"
-    atomic_write_text(csv_path, buf.getvalue())
-    atomic_write_text(md_path, markdown_table(rows, columns))
-    return csv_path, md_path
+    with staged_folder(spec.out_dir) as stage:  # both files or neither
+        (stage / "results.csv").write_text(buf.getvalue())
+        (stage / "results.md").write_text(markdown_table(rows, columns))
+    return spec.out_dir / "results.csv", spec.out_dir / "results.md"
 
 
 def _fmt(column: str, value) -> str:
@@ -494,10 +735,15 @@ def run_sweep(spec: Spec, *, only: Sequence[str] = (), shard: tuple[int, int] | 
         start_processes()
     every = points(spec)
     mine = select(every, only, shard)
+    grown = set(open_sweep_folder(spec, every)) if main else set()
+    reopened = set()
     for p in mine:
-        check_point(spec, p)
+        if check_point(spec, p) or p.name in grown:
+            reopened.add(p.name)
+            if main:
+                reopen_point(p)
     for k, p in enumerate(mine, 1):
-        if (p.dir / "result.json").exists():
+        if p.name not in reopened and (p.dir / "result.json").exists():
             log(f"[{k}/{len(mine)}] {p.name}: finished")
             continue
         claim = Claim(p.dir) if world == 1 else _NoClaim()
