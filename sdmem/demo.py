@@ -26,6 +26,8 @@ from .data.subset import load_subset
 from .edm.optimum import sample_optimum
 from .study.emm import estimate_emm, format_table as emm_table, write_emm
 from .study.sweep import parse_spec, points, run_sweep
+from .errors import InputError
+from .records import DEMO, read_json, read_record
 from .utils import atomic_write_text, resolve_device, staged_folder
 
 # The same optimizer steps for every |D|: epochs = steps · batch / |D|. Measured on 2 CPU cores (see README).
@@ -59,11 +61,11 @@ def run_demo(out: str | os.PathLike = "demo_out", *, quick: bool = False, seed: 
     """Run (or resume) the demo into ``out``; returns the summary written to ``out/summary.json``.
     ``settings`` ({"sizes", "steps", "num"}) replaces the full or quick setting (tests use a tiny one)."""
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        from .errors import InputError
-        raise InputError(out, "exists and is not a folder")
     dev = resolve_device(device)
     spec = demo_spec(out, quick=quick, seed=seed, settings=settings)
+    s = settings or SETTINGS["quick" if quick else "full"]
+    open_demo_folder(out, {"quick": quick, "seed": seed, "sizes": list(s["sizes"]), "steps": s["steps"],
+                           "num": s["num"]})
     say = print if progress else (lambda *_: None)
 
     # Train, track and audit one model per |D| (a sweep: resumable, each point's best snapshot reported).
@@ -111,6 +113,48 @@ def run_demo(out: str | os.PathLike = "demo_out", *, quick: bool = False, seed: 
     print(emm_table(emm))
     print(f"results: {out}/results.csv, emm.png (ratio against |D|), replicas/, summary.json; runs in {out}/points")
     return summary
+
+
+DEMO_FORMAT = "sdmem-demo/1"
+# What the demo writes into its folder (and an earlier sdmem, before demo.json, wrote).
+DEMO_ENTRIES = {"demo.json", "points", "results.csv", "emm.csv", "emm.png", "replicas", "summary.json",
+                "optimum_samples", "audit_optimum", "audit_heldout"}
+
+
+def open_demo_folder(out: Path, settings: dict) -> None:
+    """Make ``out`` this demo's folder (demo.json: its settings), or check that it is one. Other settings (the
+    full demo in the quick demo's folder, another seed) are refused, naming them; a folder that holds anything the
+    demo did not write is refused, never cleaned. A demo folder of an earlier sdmem (no demo.json, but the demo's
+    summary.json) is adopted when it holds only the demo's files and its recorded settings agree."""
+    record = {"format": DEMO_FORMAT, "settings": settings}
+    path = out / "demo.json"
+    if out.exists() and not out.is_dir():
+        raise InputError(out, "exists and is not a folder")
+    if path.exists():
+        old = read_record(path, DEMO)["settings"]
+    elif out.is_dir() and any(out.iterdir()):
+        foreign = sorted(e.name for e in out.iterdir() if e.name not in DEMO_ENTRIES
+                         and not e.name.startswith(".staging-"))
+        if foreign or not (out / "summary.json").is_file():
+            shown = ", ".join(map(repr, foreign[:3])) or "no demo summary.json"
+            raise InputError(out, f"is not an sdmem demo folder ({shown}): the demo writes only into an empty "
+                                  "folder or its own; refusing to touch it (use another --out)")
+        summary = read_json(out / "summary.json", "demo summary")
+        old = {k: summary.get(k) for k in ("quick", "seed")} if isinstance(summary, dict) else {}
+        old.update({k: v for k, v in settings.items() if k not in old})  # an earlier demo recorded only these
+    else:
+        old = settings
+    differ = [k for k in dict.fromkeys([*settings, *old]) if settings.get(k) != old.get(k)]
+    if differ:
+        raise InputError(out, "holds a demo run with other settings (" + ", ".join(
+            f"{k} = {json.dumps(old.get(k))}, this call {json.dumps(settings.get(k))}" for k in differ)
+            + "): re-run it as it was made, or use another --out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        if not path.exists():
+            atomic_write_text(path, json.dumps(record, indent=2) + "\n")
+    except OSError as exc:
+        raise InputError(out, f"cannot write the demo folder ({exc.strerror or exc})") from None
 
 
 def _ratio(s: dict) -> dict:

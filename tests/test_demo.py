@@ -35,9 +35,9 @@ def demo(tmp_path_factory):
 
 def test_the_demo_writes_a_study(demo):
     out, summary = demo
-    assert sorted(p.name for p in out.iterdir()) == ["audit_heldout", "audit_optimum", "emm.csv", "emm.png",
-                                                    "optimum_samples", "points", "replicas", "results.csv",
-                                                    "summary.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["audit_heldout", "audit_optimum", "demo.json", "emm.csv",
+                                                    "emm.png", "optimum_samples", "points", "replicas",
+                                                    "results.csv", "summary.json"]
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["model"] for r in rows] == ["edm", "edm", "edm", "optimum (Eq. 2)", "held-out real digits"]

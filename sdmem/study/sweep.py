@@ -239,7 +239,7 @@ def points(spec: Spec) -> list[Point]:
                                                                f"folder name ({NAME_RULE})")
         if name in out:
             raise _err(spec.path, ", ".join(k for k in values if values[k] != out[name].values.get(k)) or "axes",
-                       f"two points get the folder name {name!r} ({_shown(out[name].values)} and "
+                       f"two points get the same folder name {name!r} ({_shown(out[name].values)} and "
                        f"{_shown(values)}): give the values distinct text, or label a zip group with name")
         folder = spec.out_dir / name
         out[name] = Point(name, values, point_config(spec, values, folder / "run"), folder)
