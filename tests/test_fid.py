@@ -320,3 +320,26 @@ def test_a_sweep_fills_the_fid_column_when_the_weights_are_in_place(weights, tmp
     summary = json.loads((tmp_path / "sweep" / "seed-3" / "audit" / "summary.json").read_text())
     assert float(row["fid"]) == pytest.approx(summary["fid"]) and summary["fid"] > 0
     assert len(list((private_cache / "fid-ref").glob("*.npz"))) == 1  # the run's training set, cached
+
+
+def test_a_report_best_point_gets_the_fid_of_its_best_snapshots_images(weights, tmp_path, monkeypatch, private_cache):
+    import csv
+
+    from sdmem.fid import compute_fid
+    from sdmem.study.sweep import load_spec, run_sweep
+    from test_sweep import write_spec
+
+    path = write_spec(tmp_path, axes={"seed": [3]}, zip=[], generate={"num": 4}, report="best",
+                      overrides={"data.size": 16, "train.epochs": 8, "train.warmup_epochs": 1,
+                                 "train.checkpoint_epochs": 4, "track.batch": 4, "track.steps": 3})
+    monkeypatch.setenv("SDMEM_INCEPTION_WEIGHTS", str(weights))
+    run_sweep(load_spec(path), progress=False, log=lambda *_: None)
+    point = tmp_path / "sweep" / "seed-3"
+    with open(tmp_path / "sweep" / "results.csv", newline="") as f:
+        (row,) = list(csv.DictReader(f))
+    best = json.loads((point / "run" / "best.json").read_text())
+    manifest = json.loads((point / "generated" / "manifest.json").read_text())
+    assert int(row["epoch"]) == best["epoch"] and manifest["settings"]["snapshot"] == f"epoch {best['epoch']}"
+    assert sorted(p.name for p in (point / "generated").glob("*.png")) == [f"{s:06d}.png" for s in range(4)]
+    expected = compute_fid(point / "generated", point / "run", weights=weights).fid
+    assert float(row["fid"]) == pytest.approx(expected) and expected > 0
