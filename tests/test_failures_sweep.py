@@ -217,6 +217,23 @@ def test_a_damaged_sweep_record_is_one_line(cli, tmp_path, damage):
     cli("sweep", path).one_line_error("sweep.json")
 
 
+@pytest.mark.parametrize("bad,field", [({"epoch": 8}, "step"), ({"memorization_ratio": "high"}, "memorization_ratio"),
+                                       ({"memorization_ratio_ci95": [0.9, 0.1]}, "memorization_ratio_ci95")])
+def test_a_damaged_tracking_row_is_refused_when_the_best_snapshot_is_chosen(tmp_path, bad, field):
+    from sdmem.edm.train import update_best
+    from sdmem.runs import RunPaths
+
+    good = {"epoch": 4, "step": 8, "nimg": 128, "memorization_ratio": 0.5, "memorization_ratio_ci95": [0.4, 0.6],
+            "knn_distance": 3.0, "num_generated": 8}
+    paths = RunPaths(tmp_path)
+    with pytest.raises(InputError) as exc:
+        update_best(paths, [good, {**good, **bad} if "epoch" not in bad else {k: v for k, v in good.items()
+                                                                              if k != "step"}])
+    assert "tracking.jsonl row 2" in str(exc.value) and field in str(exc.value)
+    assert not paths.best.exists()
+    assert update_best(paths, [good])["memorization_ratio"] == 0.5 and paths.best.exists()
+
+
 # 4. Whole outputs or none; staging of a killed process is removed by the next run.
 
 def test_the_collection_writes_both_tables_or_neither(tmp_path, monkeypatch):

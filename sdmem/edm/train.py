@@ -140,7 +140,9 @@ def track_memorization(cfg: EDMConfig, paths: RunPaths, ema, subset: Subset, dev
 
 def update_best(paths: RunPaths, rows: list[dict]) -> dict | None:
     """best.json: the tracked row with the highest memorization ratio (the first of equals), as the paper reports."""
-    rows = [r for r in rows if isinstance(r.get("memorization_ratio"), (int, float))]
+    from ..records import TRACKED, check
+
+    rows = [check(TRACKED, r, f"{paths.tracking} row {i + 1}") for i, r in enumerate(rows)]
     if not rows:
         paths.best.unlink(missing_ok=True)
         return None
