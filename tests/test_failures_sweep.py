@@ -148,6 +148,33 @@ def test_duplicate_points_are_refused_naming_the_axis_and_value(tmp_path, over, 
     assert not (tmp_path / "sweep").exists()
 
 
+def test_a_sweep_folder_of_an_earlier_sdmem_is_adopted_only_for_its_own_spec(cli, tmp_path):
+    path = write_spec(tmp_path)
+    spec = load_spec(path)
+    p = points(spec)[0]
+    _point_folder(spec, p, _point_record(spec, p))  # what an earlier sdmem left: point.json, results.csv
+    (spec.out_dir / "results.csv").write_text("old\n")
+    other = write_spec(tmp_path, name="other.yaml", axes={"data.size": [8, 24]})
+    cli("sweep", other).one_line_error(str(spec.out_dir), p.name)  # another spec's points: foreign
+    assert not (spec.out_dir / "sweep.json").exists()
+    assert open_sweep_folder(spec, points(spec)) == [] and (spec.out_dir / "sweep.json").is_file()
+
+
+def test_a_demo_folder_of_an_earlier_sdmem_is_adopted_with_its_own_settings(tmp_path):
+    from sdmem.demo import SETTINGS, open_demo_folder
+
+    out = tmp_path / "demo_out"
+    (out / "points").mkdir(parents=True)
+    (out / "summary.json").write_text(json.dumps({"quick": True, "seed": 0, "models": []}))
+    q = SETTINGS["quick"]
+    quick = {"quick": True, "seed": 0, "sizes": list(q["sizes"]), "steps": q["steps"], "num": q["num"]}
+    with pytest.raises(InputError, match="quick"):
+        open_demo_folder(out, {**quick, "quick": False})
+    assert not (out / "demo.json").exists()
+    open_demo_folder(out, quick)
+    assert json.loads((out / "demo.json").read_text())["settings"] == quick
+
+
 # 3. Damaged records are refused in one line (or, for a claim, taken as a dead worker's).
 
 def _point_folder(spec, p, record):

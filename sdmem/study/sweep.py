@@ -735,7 +735,7 @@ def run_sweep(spec: Spec, *, only: Sequence[str] = (), shard: tuple[int, int] | 
         start_processes()
     every = points(spec)
     mine = select(every, only, shard)
-    grown = set(open_sweep_folder(spec, every)) if main else set()
+    grown = set(open_sweep_folder(spec, every))  # every rank: a refusal must reach them all (same files)
     reopened = set()
     for p in mine:
         if check_point(spec, p) or p.name in grown:
