@@ -27,7 +27,7 @@ if "${PIP[@]}" show -q "$other" >/dev/null 2>&1; then
 fi
 "${PIP[@]}" install -q -c constraints.txt -e ".[$faiss,hf,sd,test]"
 # FID (sdmem fid) uses torch-fidelity's Inception-v3 module only. --no-deps: torch-fidelity requires torchvision,
-# which cannot be installed beside torch 2.13 (CPU) and which that module does not need (sdmem/fid.py loads it
+# which cannot be installed beside torch 2.13 (CPU) and which that module does not need (sdmem/fid/inception.py loads it
 # without the package __init__). The Inception weights are a separate file: see README, FID.
 "$VENV/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.version('torch-fidelity') != '0.4.0')" \
     2>/dev/null || "${PIP[@]}" install -q --no-deps torch-fidelity==0.4.0
