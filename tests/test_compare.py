@@ -21,6 +21,12 @@ def _cli(argv):
     return args.func(args)
 
 
+def point_record(kind, config=None, values=None):
+    """A whole point.json (sdmem.records.POINT), as `sdmem sweep` writes it."""
+    return {"values": values or {}, "kind": kind, "fingerprint": "0" * 16, "config": config or {},
+            "generate": {"num": 1000}, "report": "best"}
+
+
 def _write_sweep(folder, swept, rows, kind):
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / "results.csv", "w", newline="") as f:
@@ -29,13 +35,13 @@ def _write_sweep(folder, swept, rows, kind):
         writer.writerows(rows)
     for r in rows:
         (folder / r["point"]).mkdir(exist_ok=True)
-        (folder / r["point"] / "point.json").write_text(json.dumps({"kind": kind, "values": {}, "config": {}}))
+        (folder / r["point"] / "point.json").write_text(json.dumps(point_record(kind)))
     return folder
 
 
 def _metrics(ratio, knn, point, size):
-    return {"size": size, "memorization_ratio": ratio, "memorization_ratio_low": round(ratio - 0.0099, 6),
-            "memorization_ratio_high": round(ratio + 0.0099, 6), "knn_distance": knn, "point": point,
+    return {"size": size, "memorization_ratio": ratio, "memorization_ratio_low": max(0.0, round(ratio - 0.0099, 6)),
+            "memorization_ratio_high": min(1.0, round(ratio + 0.0099, 6)), "knn_distance": knn, "point": point,
             "num_generated": 1000}
 
 
@@ -88,9 +94,9 @@ def test_sd_sweep_over_sizes_only_takes_table3_keys_from_point_configs(tmp_path)
     rows = [{"data.size": size, **_metrics(0.2, 1.0, f"size-{size}", size)} for size in (400, 800)]
     sweep = _write_sweep(tmp_path / "s", ["data.size"], rows, "sd")
     for r in rows:
-        (sweep / r["point"] / "point.json").write_text(json.dumps(
-            {"kind": "sd", "config": {"kind": "sd", "model": {"method": "lora", "rank": 256},
-                                      "data": {"prompt": "class", "size": r["size"]}}}))
+        config = {"kind": "sd", "model": {"method": "lora", "rank": 256},
+                  "data": {"prompt": "class", "size": r["size"]}}
+        (sweep / r["point"] / "point.json").write_text(json.dumps(point_record("sd", config)))
     results = load_sweep(sweep)
     assert results[0].values == {"data.size": "400", "size": "400", "model.method": "lora", "model.rank": "256",
                                  "data.prompt": "class"}
@@ -111,7 +117,7 @@ def test_edm_sweep_with_rows_and_cols(edm_sweep, tmp_path):
     md = (out / "compare.md").read_text().splitlines()
     assert md[0] == "| model.channels | size=200 | size=1000 |"
     assert md[2] == "| 64 | 95.00% [94.01–95.99] / 1.50 | 50.00% [49.01–50.99] / 4.00 |"
-    assert md[3].startswith("| 128 | 100.00% [99.01–100.99] / 1.00 |")
+    assert md[3].startswith("| 128 | 100.00% [99.01–100.00] / 1.00 |")
     assert (out / "compare.png").read_bytes()[:8] == PNG
     assert not (edm_sweep / "compare.md").exists()
     # The default EDM layout is the same: every varying column but size as rows, size as columns
@@ -139,16 +145,22 @@ def _run(folder, kind, numbers=None, best=None, **config):
 
 
 def _nums(ratio, knn):
+    """An audit's summary.json (sdmem.records.AUDIT_SUMMARY)."""
     return {"memorization_ratio": ratio, "memorization_ratio_ci95": [ratio - 0.01, ratio + 0.01],
             "knn_distance": knn, "num_generated": 100}
 
 
+def _best(ratio, knn):
+    """An EDM run's best.json (sdmem.records.TRACKED): the tracked snapshot with the highest ratio."""
+    return {"epoch": 8, "step": 16, "nimg": 256, **_nums(ratio, knn)}
+
+
 def test_several_run_folders(tmp_path, monkeypatch, capsys):
-    a = _run(tmp_path / "a", "edm", _nums(0.5, 3.0), _nums(0.1, 9.0), data={"size": 100}, model={"channels": 32})
-    b = _run(tmp_path / "b", "edm", None, _nums(0.25, 5.0), data={"size": 100}, model={"channels": 64})
+    a = _run(tmp_path / "a", "edm", _nums(0.5, 3.0), _best(0.1, 9.0), data={"size": 100}, model={"channels": 32})
+    b = _run(tmp_path / "b", "edm", None, _best(0.25, 5.0), data={"size": 100}, model={"channels": 64})
     point = tmp_path / "sweep" / "size-200"
-    _run(point / "run", "edm", _nums(0.9, 9.9), _nums(0.9, 9.9), data={"size": 200}, model={"channels": 64})
-    (point / "point.json").write_text(json.dumps({"kind": "edm"}))
+    _run(point / "run", "edm", _nums(0.9, 9.9), _best(0.9, 9.9), data={"size": 200}, model={"channels": 64})
+    (point / "point.json").write_text(json.dumps(point_record("edm")))
     (point / "audit").mkdir()
     (point / "audit" / "summary.json").write_text(json.dumps(_nums(0.75, 1.0)))
     results = load_runs([a, b, point / "run"])
@@ -198,3 +210,22 @@ def test_edm_default_rows_leave_out_columns_that_move_with_the_size(tmp_path):
     results = [Result(f"p{n}", "edm", {"size": n, "train.epochs": 48000 // n, "data.labels": lab}, 0.5, 0.4, 0.6, 1.0)
                for n in (20, 100) for lab in ("none", "true")]
     assert layout(results) == (["data.labels"], ["size"])
+
+
+def test_edm_runs_of_one_size_are_told_apart_by_their_other_keys(tmp_path):
+    a = _run(tmp_path / "a", "edm", _nums(0.5, 3.0), data={"size": 100}, model={"channels": 32})
+    b = _run(tmp_path / "b", "edm", _nums(0.25, 5.0), data={"size": 100}, model={"channels": 64})
+    results = load_runs([a, b])
+    assert layout(results) == (["model.channels"], ["size"])
+    assert _cli([a, b, "--out", tmp_path / "o"]) == 0
+    assert (tmp_path / "o" / "compare.md").read_text().splitlines()[0] == "| model.channels | size=100 |"
+
+
+def test_subset_json_gives_the_size_and_a_ratio_above_one_is_refused(tmp_path):
+    a = _run(tmp_path / "a", "edm", _nums(0.5, 3.0), data={"size": 100}, model={"channels": 32})
+    (a / "subset.json").write_text(json.dumps({"size": 90, "resolution": 8, "label_dim": 0}))
+    assert load_runs([a])[0].values == {"size": "90"}
+    (a / "audit" / "summary.json").write_text(json.dumps({**_nums(0.5, 3.0), "memorization_ratio": 7.5}))
+    with pytest.raises(InputError, match="memorization_ratio: expected a finite number in \\[0, 1\\], got 7.5") as err:
+        load_runs([a])
+    assert err.value.where.endswith("summary.json")

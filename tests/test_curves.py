@@ -92,7 +92,8 @@ def _audit(folder, n=1000, k=137, seed=1):
         w.writerow(["index", "file", "ratio", "replica"])
         w.writerows([i, f"{i:06d}.png", 0.5, int(x)] for i, x in enumerate(flags))
     ratio = float(np.mean(flags))
-    (folder / "summary.json").write_text(json.dumps({"memorization_ratio": ratio, "num_generated": n}))
+    (folder / "summary.json").write_text(json.dumps({"memorization_ratio": ratio, "num_generated": n,
+                                                     "memorization_ratio_ci95": [0.0, 1.0], "knn_distance": 5.0}))
     return folder, ratio
 
 

@@ -4,6 +4,11 @@ side in a pivot table (for SD, by default the layout of the paper's Table 3): co
 A sweep folder gives its results.csv rows. A run folder gives the audit next to it: ``<point>/audit/summary.json``
 for a sweep point's run (``<point>/run``), else ``RUN/audit/summary.json``, else (EDM) ``RUN/best.json``; its axis
 values are its config.json's dotted keys that differ between the runs given (plus ``size``, |D|).
+
+Every record read is checked (sdmem.records): results.csv rows as results rows (a ratio outside [0, 1], an interval
+with low > high, a negative KNN distance are refused naming the file, row and column), point.json, summary.json,
+best.json and subset.json against their schemas, config.json as a JSON object. The three outputs are built in a
+staging folder inside the output folder and moved into place together: a failure leaves the old ones untouched.
 """
 
 from __future__ import annotations
@@ -18,7 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
-from ..utils import atomic_write, atomic_write_text
+from ..records import AUDIT_SUMMARY, POINT, RESULT_ROW, SUBSET_INFO, TRACKED, check, ci_interval, read_record
+from ..utils import atomic_write, atomic_write_text, staged_folder
 from .emm import finite_number as _num
 
 METRICS = ("memorization_ratio", "memorization_ratio_low", "memorization_ratio_high", "knn_distance")
@@ -67,11 +73,9 @@ def _full_rank(values: dict) -> dict:
 # Loading: a sweep's results.csv, or run folders with their audits.
 
 def _point_config(point: Path) -> dict | None:
-    from ..runs import read_json
-
+    """The point's point.json (checked: sdmem.records.POINT), None when the point folder has none."""
     path = point / "point.json"
-    record = read_json(path, "sweep point record") if path.is_file() else None
-    return record if isinstance(record, dict) else None
+    return read_record(path, POINT) if path.is_file() else None
 
 
 def load_sweep(folder) -> list[Result]:
@@ -90,26 +94,25 @@ def load_sweep(folder) -> list[Result]:
     extra = [k for k in TABLE3_ROWS + TABLE3_COLS
              if kind == "sd" and k not in axes and all(f and k in f for f in flats)]
     out = []
-    for r, flat in zip(rows, flats):
-        ratio = _num(r.get("memorization_ratio"))
-        if ratio is None:  # an unfinished or failed point
+    for n, (r, flat) in enumerate(zip(rows, flats), 1):
+        num = check(RESULT_ROW, r, f"{path} row {n}", text=True)  # the numbers, checked (load_results did too)
+        if num["memorization_ratio"] is None:  # an unfinished or failed point
             continue
         values = _full_rank({**{c: r.get(c, "") for c in axes}, **{k: flat[k] for k in extra}})
-        out.append(Result(r.get("point") or "?", kind, values, ratio, _num(r.get("memorization_ratio_low")),
-                          _num(r.get("memorization_ratio_high")), _num(r.get("knn_distance"))))
+        out.append(Result(r.get("point") or "?", kind, values, float(num["memorization_ratio"]),
+                          *(None if num.get(k) is None else float(num[k]) for k in METRICS[1:])))
     if not out:
         raise InputError(path, "no finished point has a memorization ratio yet; run `sdmem sweep` first")
     return out
 
 
 def _run_numbers(run: Path, point: Path | None, kind: str) -> dict:
-    from ..runs import read_json
-
+    """The audit record that holds the run's numbers: summary.json (AUDIT_SUMMARY) or best.json (TRACKED)."""
     candidates = ([point / "audit" / "summary.json"] if point else []) + [run / "audit" / "summary.json"]
     candidates += [run / "best.json"] if kind == "edm" else []
     for path in candidates:
         if path.is_file():
-            return read_json(path, "audit summary")
+            return read_record(path, TRACKED if path.name == "best.json" else AUDIT_SUMMARY)
     missing = "no audit/summary.json" + (", no best.json" if kind == "edm" else "")
     raise InputError(run, f"has no memorization numbers ({missing}); make them with `sdmem generate {run} "
                           f"--num 10000 --out {run}/generated` then `sdmem audit --train {run} --generated "
@@ -129,13 +132,18 @@ def load_runs(paths) -> list[Result]:
             point = given.parent
         if not (run / "config.json").is_file():
             raise InputError(given, "is neither a run folder (no config.json) nor a sweep folder (no results.csv)")
+        if point is not None:  # a sweep point: its record must be whole too
+            read_record(point / "point.json", POINT)
         cfg = read_json(run / "config.json", "run config")
-        kind = cfg.get("kind") if isinstance(cfg, dict) else None
-        if kind not in KINDS:
-            raise InputError(run / "config.json", f"holds a run of kind {kind!r}; expected one of {', '.join(KINDS)}")
+        if not isinstance(cfg, dict):
+            raise InputError(run / "config.json", f"expected a JSON object (run config), got {_json_kind(cfg)}")
+        kind = cfg.get("kind")
+        if not isinstance(kind, str) or kind not in KINDS:
+            raise InputError(run / "config.json", f"kind: holds a run of kind {kind!r}; expected one of "
+                                                  f"{', '.join(KINDS)}")
         flat = flatten(cfg)
-        info = read_json(run / "subset.json", "subset record") if (run / "subset.json").is_file() else {}
-        flat["size"] = _cell(info.get("size") if isinstance(info, dict) and info.get("size") else flat.get("data.size"))
+        info = read_record(run / "subset.json", SUBSET_INFO) if (run / "subset.json").is_file() else {}
+        flat["size"] = _cell(int(info["size"]) if info else flat.get("data.size"))
         found.append((given, point, run, kind, flat, _run_numbers(run, point, kind)))
     # Columns: the keys that differ between the runs, size, and (SD) Table 3's keys
     keys = list(dict.fromkeys(k for *_, flat, _ in found for k in flat))
@@ -145,14 +153,16 @@ def load_runs(paths) -> list[Result]:
     names = [p.name if p else g.name for g, p, *_ in found]
     out = []
     for (given, point, run, kind, flat, nums), name in zip(found, names):
-        ratio = _num(nums.get("memorization_ratio"))
-        if ratio is None:
-            raise InputError(given, "its audit has no memorization_ratio")
-        lo, hi = (list(nums.get("memorization_ratio_ci95") or []) + [None, None])[:2]
+        lo, hi = ci_interval(nums)  # the schemas made these finite: ratio and interval in [0, 1], low <= high
+        knn = nums.get("knn_distance")
         out.append(Result(name if names.count(name) == 1 else str(given), kind,
-                          _full_rank({c: flat.get(c, "") for c in columns}), ratio, _num(lo), _num(hi),
-                          _num(nums.get("knn_distance"))))
+                          _full_rank({c: flat.get(c, "") for c in columns}), float(nums["memorization_ratio"]),
+                          float(lo), float(hi), None if knn is None else float(knn)))
     return out
+
+
+def _json_kind(value) -> str:
+    return {list: "a list", str: "a string", type(None): "null", bool: "a boolean"}.get(type(value), "a number")
 
 
 # Layout: which columns make the table's rows and columns.
@@ -195,11 +205,12 @@ def layout(results: list[Result], rows=None, cols=None) -> tuple[list[str], list
 
 
 def _follows_size(results: list[Result], column: str) -> bool:
-    """True when each value of ``column`` comes with one size only (it moves with |D|, like zipped epochs)."""
+    """True when each value of ``column`` comes with one size only (it moves with |D|, like zipped epochs); never
+    when every result has the same size (nothing moves with it then: runs of one |D| differ in their other keys)."""
     sizes: dict[str, set] = {}
     for r in results:
         sizes.setdefault(str(r.values.get(column, "")), set()).add(str(r.values.get("size", "")))
-    return all(len(s) == 1 for s in sizes.values())
+    return len(set().union(*sizes.values())) > 1 and all(len(s) == 1 for s in sizes.values())
 
 
 def pivot(results: list[Result], rows: list[str], cols: list[str]):
@@ -271,7 +282,8 @@ def _plot(path: Path, rows, cols, row_keys, col_keys, cells) -> None:
 
 
 def write_compare(out_dir, results: list[Result], rows: list[str], cols: list[str]) -> tuple[str, list[Path]]:
-    """Write compare.md, compare.csv and compare.png into out_dir; returns (the markdown, the paths)."""
+    """Write compare.md, compare.csv and compare.png into out_dir (straight into it: `sdmem compare` gives it a
+    staging folder); returns (the markdown, the paths)."""
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -314,15 +326,18 @@ def add_parser(sub) -> None:
 
 
 def run_compare(args) -> int:
-    """`sdmem compare`: load, lay out, print the markdown table and write compare.md/.csv/.png."""
+    """`sdmem compare`: load, lay out, print the markdown table and write compare.md/.csv/.png (all three, or none:
+    every input is checked first, then they are built in a staging folder and moved into place together)."""
     inputs = [Path(x) for x in args.inputs]
     sweeps = [x for x in inputs if (x / "results.csv").is_file()]
     if sweeps and len(inputs) > 1:
         raise InputError(sweeps[0], "is a sweep folder; give one sweep folder, or run folders only")
     results = load_sweep(sweeps[0]) if sweeps else load_runs(inputs)
     rows, cols = layout(results, _columns(getattr(args, "rows", None)), _columns(getattr(args, "cols", None)))
-    out = getattr(args, "out", None) or (sweeps[0] if sweeps else Path("compare"))
-    md, paths = write_compare(out, results, rows, cols)
+    pivot(results, rows, cols)  # a layout that puts two results in one cell is refused before anything is written
+    out = Path(getattr(args, "out", None) or (sweeps[0] if sweeps else "compare"))
+    with staged_folder(out) as stage:
+        md, paths = write_compare(stage, results, rows, cols)
     print(md, end="")
-    print("wrote " + ", ".join(str(p) for p in paths))
+    print("wrote " + ", ".join(str(out / p.name) for p in paths))
     return 0

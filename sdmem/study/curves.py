@@ -4,6 +4,11 @@
 epochs and images seen, several runs overlaid, each run's highest ratio starred (the paper's Fig. 1(c), Fig. 4).
 ``sdmem enough``: how many generated images are enough (the paper's Fig. 6): one audit's per-sample replica flags
 subsampled without replacement at growing sizes; the spread of the ratio across draws shrinks with the size.
+
+Records are read through sdmem.records (tracking.jsonl rows as TRACKED, summary.json as AUDIT_SUMMARY; config.json
+must be a JSON object): a damaged one is refused in one line naming the file, line and field. Both commands check
+every input first, then build their two outputs in a staging folder inside the output folder and move them into
+place together: a failure (while plotting, say) leaves no new file and the old outputs untouched.
 """
 
 from __future__ import annotations
@@ -15,8 +20,9 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
-from ..utils import atomic_write, atomic_write_text
-from .emm import finite_number as _num, read_flags  # noqa: F401 (read_flags: part of this module's API)
+from ..records import AUDIT_SUMMARY, TRACKED, ci_interval, read_record, read_rows
+from ..utils import atomic_write, atomic_write_text, staged_folder
+from .emm import read_flags
 
 CURVE_COLUMNS = ["run", "epoch", "step", "images_seen", "memorization_ratio", "memorization_ratio_low",
                  "memorization_ratio_high", "knn_distance", "best"]
@@ -69,23 +75,27 @@ def find_runs(paths) -> list[tuple[str, Path]]:
 
 
 def tracked_rows(run: Path) -> list[dict]:
-    """The rows of a run's tracking.jsonl: epoch, step, images_seen, ratio with its interval, knn_distance."""
-    from ..runs import JsonlLog, RunPaths, read_json
+    """The rows of a run's tracking.jsonl (each checked: sdmem.records.TRACKED): epoch, step, images_seen, ratio
+    with its interval, knn_distance."""
+    from ..runs import RunPaths, read_json
 
     paths = RunPaths(run)
     if not paths.config.is_file():
         raise InputError(run, "is not an sdmem run folder (no config.json) nor a sweep folder")
     cfg = read_json(paths.config, "run config")
-    if isinstance(cfg, dict) and cfg.get("kind") == "sd":
+    if not isinstance(cfg, dict):
+        kind = {list: "a list", str: "a string", type(None): "null", bool: "a boolean"}.get(type(cfg), "a number")
+        raise InputError(paths.config, f"expected a JSON object (run config), got {kind}")
+    if cfg.get("kind") == "sd":
         raise InputError(run, "is an SD run: its training tracks no memorization (no tracking.jsonl); compare its "
                               "audits with `sdmem compare`")
     rows = []
-    for r in JsonlLog(paths.tracking).rows():
-        lo, hi = (list(r.get("memorization_ratio_ci95") or []) + [None, None])[:2]
-        rows.append({"epoch": r.get("epoch"), "step": r.get("step"), "images_seen": r.get("nimg"),
-                     "memorization_ratio": _num(r.get("memorization_ratio")), "memorization_ratio_low": _num(lo),
-                     "memorization_ratio_high": _num(hi), "knn_distance": _num(r.get("knn_distance"))})
-    rows = [r for r in rows if r["memorization_ratio"] is not None]
+    for r in read_rows(paths.tracking, TRACKED):
+        lo, hi = ci_interval(r)
+        knn = r["knn_distance"]
+        rows.append({"epoch": int(r["epoch"]), "step": int(r["step"]), "images_seen": int(r["nimg"]),
+                     "memorization_ratio": float(r["memorization_ratio"]), "memorization_ratio_low": float(lo),
+                     "memorization_ratio_high": float(hi), "knn_distance": None if knn is None else float(knn)})
     if not rows:
         raise InputError(run, "has no tracked memorization (no tracking.jsonl rows): EDM training tracks it at "
                               "each snapshot when track.num_images > 0")
@@ -129,7 +139,7 @@ def _plot_curves(path: Path, curves: list[tuple[str, list[dict]]]) -> None:
 
 
 def write_curves(out_dir, curves: list[tuple[str, list[dict]]]) -> list[Path]:
-    """Write curves.csv (every tracked row, best marked) and curves.png into out_dir; their paths."""
+    """Write curves.csv (every tracked row, best marked) and curves.png straight into out_dir; their paths."""
     out = _out_dir(out_dir)
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
@@ -198,7 +208,8 @@ def subsample(flags: np.ndarray, sizes, reps: int = 200, seed: int = 0) -> list[
 
 
 def write_enough(out_dir, table: list[dict], title: str = "") -> list[Path]:
-    """Write enough.csv and enough.png (ratio and band against the number of generated images, log x)."""
+    """Write enough.csv and enough.png (ratio and band against the number of generated images, log x) straight
+    into out_dir; their paths."""
     out = _out_dir(out_dir)
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
@@ -259,9 +270,11 @@ def add_parser(sub) -> None:
 
 
 def run_curves(args) -> int:
-    """`sdmem curves`: read every run's tracked rows, write curves.csv and curves.png."""
+    """`sdmem curves`: read (and check) every run's tracked rows, then write curves.csv and curves.png together."""
     curves = [(label, tracked_rows(run)) for label, run in find_runs(args.runs)]
-    paths = write_curves(getattr(args, "out", None) or "curves", curves)
+    out = Path(getattr(args, "out", None) or "curves")
+    with staged_folder(out) as stage:
+        paths = [out / p.name for p in write_curves(stage, curves)]
     for label, rows in curves:
         b = rows[best_index(rows)]
         print(f"{label}: {len(rows)} snapshots, highest ratio {100 * b['memorization_ratio']:.2f}% at epoch "
@@ -271,24 +284,21 @@ def run_curves(args) -> int:
 
 
 def run_enough(args) -> int:
-    """`sdmem enough`: subsample the flags, print the table, write enough.csv and enough.png."""
-    from ..runs import read_json
-
+    """`sdmem enough`: subsample the flags, print the table, write enough.csv and enough.png (both or neither)."""
     folder = audit_folder(args.audit)
     flags = read_flags(folder / "per_sample.csv")
+    summary = folder / "summary.json"  # the flags should reproduce the audit's own ratio (checked before writing)
+    ratio = read_record(summary, AUDIT_SUMMARY)["memorization_ratio"] if summary.is_file() else None
     text = getattr(args, "sizes", None)
     sizes = default_sizes(len(flags)) if text is None else parse_sizes(text, len(flags))
     reps = getattr(args, "reps", 200)
     table = subsample(flags, sizes, reps)
     title = f"{folder}: {len(flags)} flags, {reps} draws per size without replacement"
-    paths = write_enough(getattr(args, "out", None) or folder, table, title)
+    out = Path(getattr(args, "out", None) or folder)
+    with staged_folder(out) as stage:
+        paths = [out / p.name for p in write_enough(stage, table, title)]
     print(format_enough(table))
-    summary = folder / "summary.json"
-    if summary.is_file():  # the flags should reproduce the audit's own ratio
-        record = read_json(summary, "audit summary")
-        ratio = _num(record.get("memorization_ratio")) if isinstance(record, dict) else None
-        if ratio is not None and abs(ratio - table[-1]["full_ratio"]) > 1e-9:
-            print(f"note: summary.json reports {100 * ratio:.2f}%, the flags give "
-                  f"{100 * table[-1]['full_ratio']:.2f}%")
+    if ratio is not None and abs(ratio - table[-1]["full_ratio"]) > 1e-9:
+        print(f"note: summary.json reports {100 * ratio:.2f}%, the flags give {100 * table[-1]['full_ratio']:.2f}%")
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0
