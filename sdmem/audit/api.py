@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -140,7 +141,8 @@ def audit(train, generated, *, out: str | os.PathLike | None = None, backend: st
     Args:
         train, generated: an image SRC (folder, npz, EDM zip/folder, CIFAR archive, Imagenette, ``hf:``),
             an :class:`ImageSource`, or a uint8 array [N, H, W, C].
-        out: when given, the folder that receives summary.json, per_sample.csv and the pictures.
+        out: when given, the folder that receives summary.json, per_sample.csv and the pictures; one that
+            cannot be created or written is refused before the search (:func:`check_out`).
         backend: ``auto`` | ``int8`` | ``faiss`` | ``torch``; device: ``auto`` | ``cpu`` | ``cuda``.
         threshold: replica iff d1/d2 < threshold (strict), default 1/3.
         resolution: centre-crop and Lanczos-resize both sets to this square size.
@@ -149,6 +151,8 @@ def audit(train, generated, *, out: str | os.PathLike | None = None, backend: st
             fid_weights: the Inception-v3 weights file (default: see :func:`sdmem.fid.default_weights_path`).
     """
     extractor = _fid_extractor(fid_weights, device) if fid else None  # a missing or wrong file fails before any work
+    if out is not None:
+        check_out(out)  # an --out that cannot be written fails before the search, not after it
     result = _audit(train, generated, backend=backend, device=device, threshold=threshold, resolution=resolution,
                     dedup=dedup, progress=progress, bootstrap_seed=bootstrap_seed, comm=None)
     if extractor is not None:
@@ -171,8 +175,12 @@ def audit_distributed(train, generated, *, out: str | os.PathLike | None = None,
     through accelerate's ``PartialState`` when needed (and destroyed when the process exits). Every process
     must call this with the same arguments.
 
+    Rank 0 alone writes ``out``; its failures are every process's: an ``out`` it cannot create or write is
+    refused on every process before the search, and a failure while it computes the FID or writes the report
+    is raised on every process too (the same InputError), so none exits 0 while rank 0 fails.
+
     Returns:
-        The report on the main process (rank 0), which alone writes ``out``; None on the others.
+        The report on the main process (rank 0); None on the others.
     """
     from .shard import launched, process_group
 
@@ -183,14 +191,46 @@ def audit_distributed(train, generated, *, out: str | os.PathLike | None = None,
     # Every process checks the FID weights first (the same refusal everywhere); rank 0 alone computes the FID.
     extractor = _fid_extractor(fid_weights, "cpu") if fid else None
     with process_group(device) as comm:
-        result = _audit(train, generated, progress=progress and comm.rank == 0, comm=comm, **kw)
-        if comm.rank != 0:
-            return None
-        if extractor is not None:
-            result.fid = _fid_against_train(result, extractor.to(device), progress)
-        if out is not None:
-            result.save(out)  # before the closing barrier: the outputs exist when every process returns
-        return result
+        return _audit_sharded(train, generated, comm, out=out, progress=progress, extractor=extractor, **kw)
+
+
+def _audit_sharded(train, generated, comm, *, out, progress, extractor, **kw) -> AuditReport | None:
+    """One process's part of :func:`audit_distributed` (``comm``: its collectives)."""
+    if out is not None:  # rank 0 will write out: it checks that it can, and every process learns the outcome
+        comm.check_main(_failure(check_out, out) if comm.rank == 0 else None)
+    result = _audit(train, generated, progress=progress and comm.rank == 0, comm=comm, **kw)
+    err = None
+    if comm.rank == 0:
+        def finish():
+            if extractor is not None:
+                result.fid = _fid_against_train(result, extractor.to(kw["device"]), progress)
+            if out is not None:
+                result.save(out)  # before the closing barrier: the outputs exist when every process returns
+        err = _failure(finish)
+    comm.check_main(err)
+    return result if comm.rank == 0 else None
+
+
+def _failure(fn, *args) -> BaseException | None:
+    """``fn(*args)``'s exception (None when it returns), to be shared with the other processes."""
+    try:
+        fn(*args)
+    except BaseException as exc:  # noqa: BLE001 (re-raised on this process by Comm.check_main)
+        return exc
+    return None
+
+
+def check_out(out: str | os.PathLike) -> None:
+    """InputError (as :func:`~sdmem.audit.report.write_outputs` would raise it at the end) unless ``out`` can be
+    created and written: the folders it lacks and a temporary folder inside are made and removed again."""
+    path = Path(out)
+    created = path  # the outermost folder the probe creates (None: path exists already)
+    while not created.parent.exists() and created.parent != created:
+        created = created.parent
+    created = None if path.exists() else created
+    rep.write_outputs(path, {})
+    if created is not None:
+        shutil.rmtree(created, ignore_errors=True)
 
 
 def _fid_extractor(weights, device):

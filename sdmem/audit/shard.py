@@ -15,7 +15,9 @@ candidate's representative has the same distance and a lower index, so it preced
 
 All collectives are CPU tensors on a gloo group (the default group when it is gloo, else a new one), so the
 same code runs under an NCCL default group. Errors on one process are agreed on at each collective step
-(:meth:`Comm.check`), so a failing rank makes every rank raise instead of leaving the others waiting.
+(:meth:`Comm.check`), so a failing rank makes every rank raise instead of leaving the others waiting; what rank 0
+alone does (checking that it can write ``--out`` before the search, writing the report after it) is shared by
+:meth:`Comm.check_main`, so every rank raises the same error and exits 2 with one line.
 
 ``accelerate launch [--multi_gpu --num_processes N] -m sdmem audit ...`` and ``torchrun --nproc_per_node N -m
 sdmem audit ...`` run :func:`sdmem.audit.api.audit_distributed` through the CLI.
@@ -81,6 +83,25 @@ class Comm:
 
     def barrier(self) -> None:
         pass
+
+    def check_main(self, err: BaseException | None) -> None:
+        """Share the outcome of what process 0 alone did (``err``: its failure, or None; ignored on the other
+        processes): process 0 raises ``err``, every other process the same InputError (same place, same problem;
+        an SdmemError naming process 0 for any other failure), or nothing anywhere."""
+        mine = None
+        if self.rank == 0 and err is not None:
+            mine = (("input", err.where, err.problem) if isinstance(err, InputError) else
+                    ("sdmem", str(err)) if isinstance(err, SdmemError) else ("other", f"{type(err).__name__}: {err}"))
+        outcome = self.all_gather_object(mine)[0]
+        if self.rank == 0:
+            if err is not None:
+                raise err
+            return
+        if outcome is None:
+            return
+        if outcome[0] == "input":
+            raise InputError(outcome[1], outcome[2])
+        raise SdmemError(outcome[1] if outcome[0] == "sdmem" else f"process 0 of {self.world} failed: {outcome[1]}")
 
     def agree(self, facts: dict) -> None:
         """Refuse (InputError, on every process) when the processes were given different inputs: ``facts`` maps

@@ -16,8 +16,8 @@ and tensors into plain CPU tensors (a storage's bytes, a ``torch.save`` stream, 
 which ignores comments and layout). The network is then rebuilt from sdmem's own classes (`sdmem.edm.precond`,
 `sdmem.edm.networks`), its settings read from the pickled ``_init_kwargs`` and, for arguments left at their
 defaults, from the signature of ``SongUNet.__init__`` in the recognised source (read with `ast`, not run); the
-tensors are loaded by name, and missing, unexpected or misshapen tensors are refused, as are scalar settings
-(GroupNorm eps, skip scale, ...) that differ between the pickled modules and the rebuilt ones.
+tensors are loaded by name, and missing, unexpected, misshapen or non-finite (NaN/inf) tensors are refused, as
+are scalar settings (GroupNorm eps, skip scale, ...) that differ between the pickled modules and the rebuilt ones.
 
 Supported: VP/VE/EDM preconditioning around a SongUNet (DDPM++ / NCSN++), i.e. ``edm-cifar10-*``,
 ``edm-ffhq-*``, ``edm-afhqv2-*`` and the VP/VE baselines. Not supported (refused with an InputError): ADM
@@ -596,6 +596,11 @@ def load_edm_pickle(path: str | os.PathLike, device: str | torch.device = "cpu")
                                    f"{tuple(ref.shape)}")
         if not t.is_floating_point():
             raise InputError(path, f"tensor {key} is {t.dtype}, expected floating point")
+        if t.numel() and not bool(torch.isfinite(t).all()):  # one check per tensor, no copy
+            nan = int(torch.isnan(t).sum())
+            raise InputError(path, f"tensor {key} holds non-finite values ({nan} NaN and "
+                                   f"{int((~torch.isfinite(t)).sum()) - nan} inf of {t.numel()} values); NaN or inf "
+                                   "weights give black or noise images")
         converted[key] = t.detach().to(ref.dtype).clone()  # own, contiguous memory
     denoiser.load_state_dict(converted, strict=True, assign=True)
 

@@ -12,6 +12,11 @@ through the shared generation core (fixed seed grid, manifest, verified resume).
   loaded by diffusers' own ``pipe.load_lora_weights``: diffusers format (``save_lora_weights``) and kohya format
   (``lora_unet_..._to_q.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``, converted by diffusers). A LoRA
   whose keys do not all fit the model is refused, never silently half-applied.
+- **Weights are checked**: a LoRA tensor, or a parameter or buffer of a loaded component, holding NaN or inf is
+  refused (naming the file or component and the tensor) before anything is written, as are weights in fp16 on
+  CUDA that overflow the cast. A component folder without safetensors weights is read from its ``*.bin``
+  files only if torch's weights-only loader reads them as plain tensors; one that pickles anything else is
+  refused, naming the file (nothing in it runs).
 - **Prompts**, exactly one of: ``prompt`` (every seed); ``prompts_file`` (UTF-8 text, one prompt per line, lines
   stripped, blank lines ignored: seed s gets line s mod L, counting from 0); ``class_prompts`` (an image folder
   whose sub-folders are the classes, or an Imagenette folder, whose wnids are named as ``sdmem.data.imagenette``
@@ -32,6 +37,7 @@ import json
 import logging
 import math
 import os
+import re
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Sequence
@@ -49,6 +55,9 @@ from .lora import LORA_WEIGHTS
 FINGERPRINT_RULE = ("sha256 over model_index.json and every top-level file of each loaded component folder: "
                     "relative path, size, and the whole content (files <= 2 MiB) or the first and last MiB")
 _MIB = 1 << 20
+# Weight files that diffusers' / transformers' loaders read in preference to the pickled *.bin files.
+_SAFETENSORS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "model.safetensors",
+                        "diffusion_pytorch_model.safetensors.index.json", "model.safetensors.index.json")
 _NOT_LOADED = ("safety_checker", "feature_extractor", "image_encoder")  # optional parts sdmem sets to None
 
 
@@ -180,7 +189,88 @@ def resolve_lora(lora: str | os.PathLike) -> Path:
     if not any("lora" in k.lower() for k in keys):
         raise InputError(path, f"holds no LoRA weights ({len(keys)} tensors, none named *lora*, e.g. "
                                f"{keys[0] if keys else 'none'})")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            for key in keys:
+                bad = nonfinite(f.get_tensor(key))
+                if bad:
+                    raise InputError(path, f"tensor {key} holds non-finite values ({bad}); a LoRA with NaN or "
+                                           "inf weights gives black or noise images")
+    except InputError:
+        raise
+    except Exception as exc:  # SafetensorError: a tensor's bytes beyond the end of the file
+        raise InputError(path, f"unreadable or corrupt safetensors file ({_summary(exc)})") from None
     return path
+
+
+def nonfinite(t) -> str | None:
+    """None when every value of tensor ``t`` is finite (one ``torch.isfinite(t).all()``, no copy; integer and bool
+    tensors always are), else a short count of its NaN and inf values."""
+    import torch
+
+    if not (t.is_floating_point() or t.is_complex()) or t.numel() == 0:
+        return None
+    try:
+        if bool(torch.isfinite(t).all()):
+            return None
+    except (RuntimeError, NotImplementedError):  # a dtype without isfinite here (float8 on some builds)
+        t = t.float()
+        if bool(torch.isfinite(t).all()):
+            return None
+    nan = int(torch.isnan(t).sum())
+    return f"{nan} NaN and {int((~torch.isfinite(t)).sum()) - nan} inf of {t.numel()} values"
+
+
+def check_finite(pipe, root: Path, *, cast: str | None = None) -> None:
+    """InputError naming the component folder and the tensor when a parameter or buffer of one of ``pipe``'s
+    modules holds NaN or inf (``cast``: the dtype the weights were just cast to, named as the cause)."""
+    import torch
+
+    for comp, module in pipe.components.items():
+        if not isinstance(module, torch.nn.Module):
+            continue
+        for kind, named in (("parameter", module.named_parameters()), ("buffer", module.named_buffers())):
+            for name, t in named:
+                bad = nonfinite(t.detach())
+                if bad and cast:
+                    raise InputError(root / comp, f"{kind} {name} overflows {cast} ({bad} after the cast); run with "
+                                                  "--device cpu (float32)")
+                if bad:
+                    raise InputError(root / comp, f"{kind} {name} holds non-finite values ({bad}); NaN or inf "
+                                                  "weights give black or noise images")
+
+
+def check_pickled_weights(root: Path) -> None:
+    """Every component folder that diffusers/transformers would read from pickled ``*.bin`` files (no
+    safetensors weights beside them) must hold plain tensors: each file is opened with torch's weights-only
+    loader (memory-mapped, so only its pickled index is read); one that pickles anything else, or is corrupt, is
+    an InputError naming the file, the same for the UNet, the VAE, the text encoder(s) and any other part."""
+    import pickle
+
+    import torch
+
+    for comp in loaded_components(root):
+        folder = root / comp
+        names = os.listdir(folder)
+        if any(n in names for n in _SAFETENSORS_WEIGHTS):
+            continue
+        for name in sorted(n for n in names if n.endswith(".bin") and (folder / n).is_file()):
+            path = folder / name
+            try:
+                try:
+                    torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+                except RuntimeError as exc:
+                    if "mmap" not in str(exc):
+                        raise
+                    torch.load(str(path), map_location="cpu", weights_only=True)  # the legacy (non-zip) format
+            except pickle.UnpicklingError as exc:
+                found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+                why = f"it asks for {found.group(1)}" if found else _summary(exc, 160)
+                raise InputError(path, f"pickles Python objects, not plain tensors (torch's weights-only loader "
+                                       f"refused it: {why}); sdmem never unpickles them: save the component as "
+                                       "safetensors (save_pretrained(..., safe_serialization=True))") from None
+            except Exception as exc:  # a truncated zip, a foreign file
+                raise InputError(path, f"unreadable or corrupt weights file ({_summary(exc)})") from None
 
 
 def _summary(exc: BaseException, limit: int = 300) -> str:
@@ -364,7 +454,9 @@ def _quiet_loading():
 
     bars, level = dlogging.is_progress_bar_enabled(), dlogging.get_verbosity()
     dlogging.disable_progress_bar()
-    dlogging.set_verbosity_error()
+    # CRITICAL, not ERROR: diffusers logs "An error occurred while trying to fetch ..." (and then reads the *.bin
+    # weights) for a component without safetensors; real failures are raised.
+    dlogging.set_verbosity(dlogging.CRITICAL)
     try:
         with quiet_transformers():
             yield
@@ -380,6 +472,7 @@ def load_pipeline(root: Path, *, device: str = "cpu"):
 
     dtype = torch.float16 if device == "cuda" else torch.float32
     index = _read_json(root / "model_index.json")
+    check_pickled_weights(root)
     with _quiet_loading():
         from diffusers import DDPMScheduler, DiffusionPipeline
 
@@ -393,9 +486,13 @@ def load_pipeline(root: Path, *, device: str = "cpu"):
             raise InputError("--model", f"{root}: cannot load the pipeline ({_summary(exc)})") from None
     if getattr(pipe, "unet", None) is None or not hasattr(pipe, "vae_scale_factor"):
         raise InputError("--model", f"{root}: {type(pipe).__name__} is not a UNet text-to-image pipeline")
+    check_finite(pipe, root)
     modules = [m for m in pipe.components.values() if isinstance(m, torch.nn.Module)]
+    cast = not all(m.dtype == dtype for m in modules)
     with _quiet_loading():  # a cast warns about _keep_in_fp32_modules even when there are none
-        pipe.to(device) if all(m.dtype == dtype for m in modules) else pipe.to(device, dtype)
+        pipe.to(device, dtype) if cast else pipe.to(device)
+    if cast and dtype == torch.float16:
+        check_finite(pipe, root, cast="float16")
     pipe.unet.eval()
     pipe.set_progress_bar_config(disable=True)
     return pipe
