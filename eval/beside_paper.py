@@ -1,6 +1,7 @@
 """A sweep's numbers beside the paper's: eval/paper_reference.csv (Gu et al., "On Memorization in Diffusion Models",
-TMLR 2025: every cell of Tables 1-4, Tables 7-8's KNN distances, and the memorization ratios and EMMs stated in the
-text) against SWEEP_DIR/results.csv (`sdmem sweep`) and SWEEP_DIR/emm.csv (`sdmem emm`, when present).
+TMLR 2025: every cell of Tables 1-4, Tables 5-6's FIDs, Tables 7-8's KNN distances, and the memorization ratios
+and EMMs stated in the text) against SWEEP_DIR/results.csv (`sdmem sweep`) and SWEEP_DIR/emm.csv (`sdmem emm`, when
+present).
 
     python eval/beside_paper.py runs/paper/table1_batch_size                    # spec: the folder's name
     python eval/beside_paper.py runs/sd/table3 --out table3_vs_paper.md
@@ -11,8 +12,11 @@ non-empty cells; numbers compared numerically, 2e-4 == 0.0002; JSON lists elemen
 case-insensitively; a reference `null` matches an empty cell, a swept null such as fig2a's 32x32 resolution).
 EMM rows match emm.csv's rows on the same columns. The table shows the paper's value (a reference note starting
 with "~ " is approximate, "> " a lower bound, "< " an upper bound), ours with its 95% interval, and ours minus the
-paper's (percentage points for ratios, |D| for EMMs, the paper's units for KNN distances); a bound is also marked
-met or not met (inclusive). Reference rows with no matching row are listed as "not run". Standard library only.
+paper's (percentage points for ratios, |D| for EMMs, the paper's units for KNN distances, FID points for FIDs); a
+bound is also marked met or not met (inclusive). A ratio is shown as a percent; an FID (results.csv's `fid` column,
+empty when the sweep ran without the Inception weights) and a KNN distance as plain numbers. Reference rows with no
+matching row are listed as "not run", matched ones whose cell is empty as "no value" (counted apart). Standard
+library only.
 """
 
 from __future__ import annotations
@@ -158,6 +162,10 @@ def _ours(metric: str, row: dict) -> tuple[float | None, str]:
                                                              _number(row.get("emm_high", "")))
     x = _number(row.get(metric, ""))
     if x is None:
+        if metric not in row:
+            return None, f"no value (no {metric} column)"
+        if metric == "fid":
+            return None, "no value (empty fid: no Inception weights when the sweep ran)"
         return None, "no value"
     text = _fmt_value(metric, x)
     if metric == "memorization_ratio":
@@ -195,7 +203,7 @@ def compare(sweep_dir, spec: str | None = None, reference: Path = REFERENCE) -> 
     used = [c for c in ids if any(r.get(c, "") != "" for r in mine)]
     head = ["source", *used, "metric", "paper", "ours [95% CI]", "ours - paper", "point"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    counts = {"reference": len(mine), "compared": 0, "not_run": 0}
+    counts = {"reference": len(mine), "compared": 0, "not_run": 0, "no_value": 0}
     absent_all: set[str] = set()
     for ref in mine:
         metric, rel = ref["metric"], relation(ref.get("note", ""))
@@ -212,9 +220,12 @@ def compare(sweep_dir, spec: str | None = None, reference: Path = REFERENCE) -> 
             counts["not_run"] += 1
             lines.append("| " + " | ".join(_escape(x) for x in lead + [why, "", ""]) + " |")
             continue
-        counts["compared"] += 1
-        for row in found:
-            ours, text = _ours(metric, row)
+        valued = [_ours(metric, row) for row in found]
+        if all(ours is None for ours, _ in valued):
+            counts["no_value"] += 1  # matched, but the cell is empty (e.g. a sweep run without FID weights)
+        else:
+            counts["compared"] += 1
+        for row, (ours, text) in zip(found, valued):
             diff = "" if ours is None or paper is None else _diff(metric, ours, paper)
             if diff and metric == "emm" and row.get("status") in ("above_all", "below_all"):
                 diff += " (ours: a bound, the crossing is outside the swept sizes)"
@@ -224,14 +235,16 @@ def compare(sweep_dir, spec: str | None = None, reference: Path = REFERENCE) -> 
             point = row.get("point", "") if metric != "emm" else ""
             lines.append("| " + " | ".join(_escape(x) for x in lead + [text, diff, point]) + " |")
     summary = (f"{name}: {counts['reference']} reference number(s); {counts['compared']} compared, "
-               f"{counts['not_run']} not run.")
+               f"{counts['not_run']} not run" + (f", {counts['no_value']} run without a value" if counts["no_value"]
+                                                  else "") + ".")
     if absent_all:
         summary += f" The sweep's tables lack column(s) {', '.join(sorted(absent_all))}."
     return "\n".join(lines) + "\n\n" + summary + "\n", counts
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="A sweep's memorization ratios and EMMs beside the paper's numbers.")
+    p = argparse.ArgumentParser(
+        description="A sweep's memorization ratios, EMMs, KNN distances and FIDs beside the paper's numbers.")
     p.add_argument("sweep_dir", metavar="SWEEP_DIR", help="a sweep folder (results.csv, optional emm.csv)")
     p.add_argument("--spec", help="the spec's name (default: SWEEP_DIR's name), e.g. table1_batch_size or table3")
     p.add_argument("--out", metavar="FILE.md", help="also write the table here")

@@ -102,7 +102,7 @@ def test_a_failing_demo_leaves_no_report_and_resumes(tmp_path, monkeypatch, one_
     with pytest.raises(InputError, match="simulated"):
         sdmem.demo.run_demo(tmp_path / "demo", settings=tiny, progress=False)
     # The trained points stay (resumable); no report file was written.
-    assert sorted(p.name for p in (tmp_path / "demo").iterdir()) == ["points"]
+    assert sorted(p.name for p in (tmp_path / "demo").iterdir()) == ["demo.json", "points"]  # the record of what made it
     monkeypatch.undo()
     sdmem.demo.run_demo(tmp_path / "demo", settings=tiny, progress=False)
     assert (tmp_path / "demo" / "results.csv").exists()

@@ -25,7 +25,7 @@ HEADER = ["source", "spec", "metric", "value", "size", "train.batch_size", "trai
           "train.ema_rate", "data.labels", "data.random_label_classes", "data.num_classes", "data.resolution",
           "model.channels", "model.num_blocks", "model.skip_mask", "model.method", "model.rank", "data.prompt", "note"]
 IDS = HEADER[4:-1]
-METRICS = {"memorization_ratio", "emm", "knn_distance"}
+METRICS = {"memorization_ratio", "emm", "knn_distance", "fid"}
 
 # The tables as the PDF's text extraction gives them (minus signs and "x" lost: "1 10 5" is 1e-5).
 TABLE1 = ("|D| =1k 89.52 90.87 91.52 92.09 91.40 92.05 92.77 "
@@ -44,13 +44,20 @@ TABLE7 = ("|D| =1k 7.35 6.73 6.51 6.35 6.51 6.40 6.30 "
 TABLE8 = ("Weight decay KNN distance |D| =1k |D| =2k 0 6.35 14.77 1 10 5 6.45 14.63 1 10 4 6.42 15.29 1 10 3 7.32 "
           "16.99 1 10 2 9.99 23.40 5 10 2 26.69 38.73 1 10 1 34.44 39.51 EMA KNN distance |D| =1k |D| =2k 0.99929 "
           "6.35 14.77 0.999 6.44 14.58 0.99 6.51 15.21 0.9 7.02 15.39 0.5 7.11 15.04 0.1 6.90 15.08 0.0 7.08 14.59")
+TABLE5 = ("|D| =1k 8.89 8.60 8.14 7.99 8.25 7.98 7.85 "
+          "|D| =2k 17.56 15.57 15.23 14.41 14.83 14.56 14.85")  # p. 27 (FIDs; the extraction labels the rows Rmem(%))
+TABLE6 = ("Weight decay FID |D| =1k |D| =2k 0 7.99 14.41 1 10 5 8.17 15.73 1 10 4 8.08 14.36 1 10 3 9.37 12.75 "
+          "1 10 2 13.47 17.02 5 10 2 41.08 51.70 1 10 1 63.78 48.21 EMA FID |D| =1k |D| =2k 0.99929 7.99 14.41 "
+          "0.999 8.11 15.75 0.99 8.55 17.11 0.9 9.83 18.04 0.5 10.32 21.28 0.1 12.38 23.12 0.0 11.77 22.39")  # p. 27
 BATCH_LR = [(128, 0.5e-4), (256, 1.0e-4), (384, 1.5e-4), (512, 2.0e-4), (640, 2.5e-4), (768, 3.0e-4), (896, 3.5e-4)]
 
 # Cells per table: Table 1 (p. 8) 7 (batch, lr) columns x 2 |D| rows = 14; Table 2 (p. 8) 7 weight decays x 2 |D|
 # (left) + 7 EMA rates x 2 |D| (right) = 28 (the basic setup, weight decay 0 = EMA 0.99929, is printed in both
 # halves); Table 3 (p. 10) 4 fine-tunings x 2 conditionings x 5 |D| = 40; Table 4 (p. 25) 3 conditionings x 5 |D| =
-# 15; Tables 7 and 8 (p. 30): Tables 1 and 2's layout with KNN distances, 14 and 28.
-CELLS = {"table1": 14, "table2": 28, "table3": 40, "table4": 15, "table7": 14, "table8": 28}
+# 15; Tables 5 and 6 (p. 27): Tables 1 and 2's layout with FIDs, 14 and 28; Tables 7 and 8 (p. 30): the same with
+# KNN distances, 14 and 28.
+CELLS = {"table1": 14, "table2": 28, "table3": 40, "table4": 15, "table5": 14, "table6": 28, "table7": 14,
+         "table8": 28}
 
 
 def _load_script():
@@ -92,7 +99,7 @@ def test_every_row_has_a_known_spec_metric_and_a_value_in_range():
         assert spec_path(r["spec"]).is_file(), r["spec"]
         assert r["metric"] in METRICS, r
         assert r["note"].strip(), r
-        assert re.fullmatch(r"table[1-4789](:left|:right)?|text:(sec|app)[0-9A-H.]+", r["source"]), r["source"]
+        assert re.fullmatch(r"table[1-9](:left|:right)?|text:(sec|app)[0-9A-H.]+", r["source"]), r["source"]
         value = float(r["value"])
         if r["metric"] == "memorization_ratio":
             assert 0 <= value <= 1, r
@@ -100,6 +107,7 @@ def test_every_row_has_a_known_spec_metric_and_a_value_in_range():
             assert value == int(value) and value > 0 and r["size"] == "", r  # an EMM is a |D|, over all sizes
         else:
             assert value > 0, r
+        assert (r["metric"] == "fid") == r["source"].startswith(("table5", "table6")), r  # FIDs: Tables 5-6 only
         if r["source"].startswith("table"):
             assert bp.relation(r["note"]) == "=", r  # table cells are exact
 
@@ -107,7 +115,7 @@ def test_every_row_has_a_known_spec_metric_and_a_value_in_range():
 def test_tables_have_one_row_per_cell():
     per_table = Counter(r["source"].split(":")[0] for r in ROWS if r["source"].startswith("table"))
     assert per_table == CELLS
-    halves = Counter(r["source"] for r in ROWS if r["source"].startswith(("table2", "table8")))
+    halves = Counter(r["source"] for r in ROWS if r["source"].startswith(("table2", "table6", "table8")))
     assert set(halves.values()) == {14}  # 7 values x 2 |D| in each half
 
 
@@ -127,8 +135,12 @@ def _find(source, **ids):
     return found[0]
 
 
-def test_tables_1_and_7_transcribed():
-    for text, source, value in ((TABLE1, "table1", _pct), (TABLE7, "table7", lambda r: Decimal(r["value"]))):
+def _plain(r):
+    return Decimal(r["value"])
+
+
+def test_tables_1_5_and_7_transcribed():
+    for text, source, value in ((TABLE1, "table1", _pct), (TABLE5, "table5", _plain), (TABLE7, "table7", _plain)):
         for k, line in re.findall(r"\|D\| =(\d)k ((?:[\d.]+ ?){7})", text):
             for (batch, lr), cell in zip(BATCH_LR, line.split()):
                 assert value(_find(source, size=int(k) * 1000, train__batch_size=batch, train__lr=lr)) == Decimal(cell)
@@ -138,9 +150,9 @@ def _wd(token: str) -> float:
     return 0.0 if token == "0" else int(token[0]) * 10.0 ** -int(token[-1])  # "5 10 2" -> 5e-2
 
 
-@pytest.mark.parametrize("text,source,value", [(TABLE2, "table2", _pct),
-                                                (TABLE8, "table8", lambda r: Decimal(r["value"]))])
-def test_tables_2_and_8_transcribed(text, source, value):
+@pytest.mark.parametrize("text,source,value", [(TABLE2, "table2", _pct), (TABLE6, "table6", _plain),
+                                                (TABLE8, "table8", _plain)])
+def test_tables_2_6_and_8_transcribed(text, source, value):
     left, right = text.split(" EMA ")
     cells = re.findall(r"(?:(?<=\|D\| =2k )|(?<=\d ))(0|\d 10 \d) ([\d.]+) ([\d.]+)", left)
     assert len(cells) == 7
@@ -183,6 +195,18 @@ def test_the_basic_setup_reads_the_same_in_tables_1_2_and_4():
         assert _pct(_find("table2:left", size=size, train__weight_decay=0)) == pct
         assert _pct(_find("table2:right", size=size, train__ema_rate=0.99929)) == pct
         assert _pct(_find("table4", size=size, data__labels="none")) == pct
+    for size, fid in ((1000, Decimal("7.99")), (2000, Decimal("14.41"))):  # the same run's FID (Tables 5 and 6)
+        assert _plain(_find("table5", size=size, train__batch_size=512)) == fid
+        assert _plain(_find("table6:left", size=size, train__weight_decay=0)) == fid
+        assert _plain(_find("table6:right", size=size, train__ema_rate=0.99929)) == fid
+
+
+def test_fid_rows_sit_beside_the_same_points_as_their_ratios():
+    # Table 5 is Table 1's grid, Table 6 Table 2's: one FID per ratio cell, on the same columns
+    for ratio, fid in (("table1", "table5"), ("table2:left", "table6:left"), ("table2:right", "table6:right")):
+        cells = lambda source: sorted(tuple(r[c] for c in IDS) + (r["spec"],) for r in ROWS if r["source"] == source)
+        assert cells(ratio) == cells(fid)
+        assert all(r["metric"] == "fid" for r in ROWS if r["source"] == fid)
 
 
 def _results_cell(value) -> str:  # how `sdmem sweep` writes a swept value into results.csv
@@ -215,6 +239,45 @@ def test_text_numbers_cite_the_paper():
     assert _find("text:sec3.1", data__resolution="null")["value"] == "1000"
     assert bp.relation(_find("text:sec6", data__labels="unique")["note"]) == ">"
     assert _find("text:appB", data__num_classes=2)["value"] == "0.9459"
+
+
+def _skip_points(name):
+    """{skip-mask cell as results.csv holds it: point name} of a skip spec."""
+    return {_results_cell(p.values["model.skip_mask"]): p.name for p in points(load_spec(spec_path(name)))}
+
+
+def _rows_by_point(name, source):
+    masks = _skip_points(name)
+    found = {}
+    for r in ROWS:
+        if r["spec"] == name and r["source"] == source:
+            hit = [n for m, n in masks.items() if bp.same(r["model.skip_mask"], m)]
+            assert len(hit) == 1 and hit[0] not in found, (r, hit)
+            found[hit[0]] = r
+    return found
+
+
+@pytest.mark.parametrize("name,bound", [("fig4ab_skip_ddpmpp", "0.9"), ("fig4cd_skip_ncsnpp", "0.4")])
+def test_sec4_3_single_skip_at_32x32(name, bound):
+    # Sec. 4.3, p. 7: one skip at 32x32 alone gives DDPM++ over 90%, NCSN++ over 40% (Fig. 4(b), 4(d))
+    found = _rows_by_point(name, "text:sec4.3")
+    assert sorted(found) == ["full", "r32-keep1-001000000", "r32-keep1-010000000", "r32-keep1-100000000"]
+    for point, r in found.items():
+        if point != "full":
+            assert (r["value"], bp.relation(r["note"]), r["size"]) == (bound, ">", "1000"), r
+            assert "32x32" in r["note"] and point in r["note"]
+
+
+def test_app_c2_deleting_skips():
+    # App. C.2, p. 22: deleting one or two skips at any resolution keeps > 90%; only three at 32x32 falls below
+    found = _rows_by_point("fig8b_skip_delete", "text:appC.2")
+    assert set(found) == set(_skip_points("fig8b_skip_delete").values())  # every one of the 21 points
+    for point, r in found.items():
+        deleted = int(point.split("-")[1].removeprefix("del"))
+        assert r["value"] == "0.9" and r["size"] == "1000", r
+        assert bp.relation(r["note"]) == ("<" if point == "r32-del3-000111111" else ">"), r
+        if deleted < 3:  # the rows for this statement name their point
+            assert point in r["note"] and "'when deleting one or two skip connections" in r["note"], r
 
 
 # beside_paper.py
@@ -284,8 +347,41 @@ def test_table1_sweep_against_the_reference(tmp_path):
     assert "| table1 | 1000 | 512 | 2e-4 | memorization_ratio | 92.09% | 93.12% [92.62, 93.60] | +1.03 pp |" in stdout
     assert "| table1 | 2000 | 128 | 5e-5 | memorization_ratio | 56.67% | 55.00% [54.00, 56.00] | -1.67 pp |" in stdout
     assert "| table7 | 2000 | 128 | 5e-5 | knn_distance | 15.43 | 15.90 | +0.47 |" in stdout
-    assert stdout.count("| not run |") == 24  # 28 cells of Tables 1 and 7, 4 of them run
-    assert stdout.rstrip().endswith("table1_batch_size: 28 reference number(s); 4 compared, 24 not run.")
+    # 42 cells of Tables 1, 5 and 7; 6 of them at the 2 run points, of which Table 5's FIDs have no column here
+    assert stdout.count("| not run |") == 36
+    assert stdout.count("| no value (no fid column) |") == 2
+    assert stdout.rstrip().endswith("table1_batch_size: 42 reference number(s); 4 compared, 36 not run, "
+                                    "2 run without a value.")
+
+
+def test_fid_rows_are_compared_with_the_fid_column(tmp_path):
+    head = RESULTS_HEAD.replace("knn_distance,", "knn_distance,fid,")  # `sdmem sweep`'s own column order
+    sweep = tmp_path / "table2_weight_decay_ema"
+    write(sweep / "results.csv",
+          "data.size,train.weight_decay,train.ema_rate," + head + "\n"
+          "1000,0.0,0.99929,1,1000,0.93,0.92,0.94,6.2,8.5,,1,1,10000,1,size-1000_base\n"
+          "2000,0.0,0.99929,1,2000,0.6,0.59,0.61,14.0,,,1,1,10000,1,size-2000_base\n")
+    code, stdout, stderr = run(sweep)
+    assert code == 0, stderr
+    # a plain number, not a percent; the difference in FID points
+    assert "| table6:left | 1000 | 0 | 0.99929 | fid | 7.99 | 8.50 | +0.51 | size-1000_base |" in stdout
+    assert "| table6:right | 1000 | 0 | 0.99929 | fid | 7.99 | 8.50 | +0.51 | size-1000_base |" in stdout
+    assert "| table2:left | 1000 | 0 | 0.99929 | memorization_ratio | 92.09% | 93.00% [92.00, 94.00] | +0.91 pp |" \
+        in stdout
+    assert "| table8:left | 1000 | 0 | 0.99929 | knn_distance | 6.35 | 6.20 | -0.15 |" in stdout
+    assert "| table6:left | 2000 | 0 | 0.99929 | fid | 14.41 | no value" in stdout
+    # an empty fid cell (a sweep without the Inception weights) is not a comparison
+    assert stdout.count("| fid | 14.41 | no value (empty fid: no Inception weights when the sweep ran) |  |") == 2
+    assert "%" not in "".join(line for line in stdout.splitlines() if "| fid |" in line)
+    assert stdout.rstrip().endswith("table2_weight_decay_ema: 84 reference number(s); 10 compared, 72 not run, "
+                                    "2 run without a value.")
+    # the same through compare(), on a constructed reference
+    ref = write(tmp_path / "ref.csv", "source,spec,metric,value,size,note\n"
+                                      "table5,table2_weight_decay_ema,fid,9.0,1000,Table 5\n"
+                                      "table5,table2_weight_decay_ema,fid,10.0,3000,Table 5\n")
+    text, counts = bp.compare(sweep, reference=ref)
+    assert "| table5 | 1000 | fid | 9.00 | 8.50 | -0.50 | size-1000_base |" in text
+    assert counts == {"reference": 2, "compared": 1, "not_run": 1, "no_value": 0}
 
 
 def test_nulls_masks_and_emm(tmp_path):
