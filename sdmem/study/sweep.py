@@ -454,7 +454,7 @@ SWEEP_FILES = {"sweep.json", "results.csv", "results.md", "emm.csv", "emm.png", 
 
 def sweep_record(spec: Spec, pts: list[Point]) -> dict:
     return {"format": SWEEP_FORMAT, "spec": str(spec.path), "generate": spec.generate, "report": spec.report,
-            "points": {p.name: {"values": p.values, "kind": p.config.kind,
+            "points": {p.name: {"values": p.values, "kind": p.config.kind, "fingerprint": fingerprint(p.config),
                                 "config": {k: v for k, v in config_to_dict(p.config).items() if k != "out_dir"}}
                        for p in pts}}
 
