@@ -288,9 +288,26 @@ def test_precond_drives_the_heun_sampler():
     from sdmem.edm.sampler import heun_sampler, seeded_class_labels, seeded_latents
     torch.manual_seed(0)
     pre = VPPrecond(8, 3, label_dim=4, arch="ncsnpp", **SMALL).eval()
+    with torch.no_grad():  # off the zero-initialised output layers, so the network (and its labels) matter
+        for param in pre.parameters():
+            param.add_(0.05 * torch.randn_like(param))
     seeds = [0, 1]
-    out = heun_sampler(pre, seeded_latents(seeds, (3, 8, 8)), seeded_class_labels(seeds, 4), num_steps=2)
+    latents, labels = seeded_latents(seeds, (3, 8, 8)), seeded_class_labels(seeds, 4)
+    out = heun_sampler(pre, latents, labels, num_steps=2)
     assert out.shape == (2, 3, 8, 8) and out.dtype == torch.float32 and torch.isfinite(out).all()
+    # Two steps by hand (Karras et al. Alg. 1, S_churn = 0): sigma 80 -> 0.002 (Heun) -> 0 (Euler).
+    with torch.no_grad():
+        def d(x, t):
+            return (x - pre(x, torch.full((2,), t, dtype=torch.float64), labels).double()) / t
+        x0 = latents.double() * 80.0
+        d0 = d(x0, 80.0)
+        x1 = x0 + (0.002 - 80.0) * d0
+        x1 = x0 + (0.002 - 80.0) * (0.5 * d0 + 0.5 * d(x1, 0.002))
+        x2 = x1 + (0.0 - 0.002) * d(x1, 0.002)
+    torch.testing.assert_close(out, x2.float(), rtol=1e-6, atol=1e-6)
+    # The class labels reach the network: other labels, other images.
+    other = heun_sampler(pre, latents, (labels + 1) % 4, num_steps=2)
+    assert not torch.allclose(out, other)
 
 
 def half_net(x, sigma, labels):

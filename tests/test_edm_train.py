@@ -37,20 +37,29 @@ def _threads():
     torch.set_num_threads(n)
 
 
-def test_schedule_ema_and_data_order():
+def test_the_schedule_counts_steps_and_warms_up():
     s = Schedule(num_train=100, batch=32, epochs=10, warmup_epochs=2, snapshot_epochs=4, checkpoint_epochs=1)
     assert s.total_steps == 32  # ceil(10·100 / 32)
     assert s.ramp(0) == pytest.approx(32 / 200) and s.ramp(10) == 1.0
+
+
+def test_ema_beta_keeps_a_half_life_in_images():
     # Steady state: exactly ema_rate per 512 images; warm-up shortens the half-life.
     assert ema_beta(0.99929, 512, 1.0) == pytest.approx(0.99929, abs=1e-12)
     assert ema_beta(0.99929, 256, 1.0) == pytest.approx(0.99929 ** 0.5, abs=1e-12)
     assert ema_beta(0.99929, 512, 0.1) < ema_beta(0.99929, 512, 1.0)
     assert ema_beta(0.0, 512, 1.0) == 0.0
-    # Every image is drawn exactly once per epoch; order depends on the seed.
+
+
+def test_every_image_is_drawn_once_per_epoch_in_a_seeded_order():
     stream = np.concatenate([batch_indices(k, 32, 100, seed=0) for k in range(25)])  # 800 = 8 epochs
     for e in range(8):
         assert sorted(stream[e * 100 : (e + 1) * 100].tolist()) == list(range(100))
     assert not np.array_equal(batch_indices(0, 32, 100, 0), batch_indices(0, 32, 100, 1))
+
+
+def test_snapshots_fall_at_epoch_crossings_or_every_snapshot_kimg():
+    s = Schedule(num_train=100, batch=32, epochs=10, warmup_epochs=2, snapshot_epochs=4, checkpoint_epochs=1)
     snaps = [k for k in range(1, s.total_steps + 1) if s.crosses(k, 4)]
     assert snaps == [13, 25, 32]  # epochs 4.16, 8.0, and the last step
     assert [k for k in range(1, s.total_steps + 1) if s.snapshot_due(k)] == snaps

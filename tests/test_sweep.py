@@ -31,13 +31,20 @@ def write_spec(tmp_path, name="spec.yaml", **over):
 
 
 def test_points_are_the_product_of_axes_and_zipped_groups(tmp_path):
-    spec = load_spec(write_spec(tmp_path))
-    pts = points(spec)
+    pts = points(load_spec(write_spec(tmp_path)))
     assert [p.name for p in pts] == ["size-16_labels-none_channels-8", "size-16_labels-true_channels-16",
                                      "size-32_labels-none_channels-8", "size-32_labels-true_channels-16"]
+
+
+def test_a_points_config_takes_its_values_and_lives_in_its_folder(tmp_path):
+    pts = points(load_spec(write_spec(tmp_path)))
     assert pts[1].config.model.channels == 16 and pts[1].config.data.labels == "true"
     assert pts[0].config.track.num_images == 8  # report: best is judged on generate.num images
     assert str(pts[0].config.out_dir).endswith("size-16_labels-none_channels-8/run")
+
+
+def test_only_and_shard_select_points(tmp_path):
+    pts = points(load_spec(write_spec(tmp_path)))
     assert [p.name for p in select(pts, ["data.size=32"])] == [pts[2].name, pts[3].name]
     shards = [select(pts, shard=(i, 3)) for i in (1, 2, 3)]
     assert sorted(p.name for s in shards for p in s) == sorted(p.name for p in pts)  # a partition
