@@ -269,7 +269,7 @@ def _add_generate(sub) -> None:
     p.add_argument("--prompts", metavar="FILE", help="with --model: one prompt per line; seed s gets line s mod L")
     p.add_argument("--class-prompts", metavar="FOLDER", help="with --model: class sub-folders (e.g. Imagenette); N/C "
                    "images per class in seed order, prompt from --template")
-    p.add_argument("--template", default="a picture of a {class}", help="with --class-prompts (default: %(default)s)")
+    p.add_argument("--template", help="with --class-prompts (default: 'a picture of a {class}')")
     p.add_argument("--resolution", type=_positive_int("--resolution", 8192), metavar="R",
                    help="with --model: image size (default: the model's)")
     p.add_argument("--num", type=_positive_int("--num", 10_000_000), metavar="N", help="images (seeds 0..N-1 unless --seeds)")
@@ -313,8 +313,8 @@ def _run_generate(args) -> int:
                                          "the class of a conditional network)")
         if args.compile:
             raise InputError("--compile", "only SD pipelines and runs are compiled")
-        plan = pickle_plan(args.model, class_label=args.class_label, batch=args.batch or 256, steps=args.steps or 18,
-                           device=args.device)
+        plan = pickle_plan(args.model, class_label=args.class_label, device=args.device,
+                           **_given(batch=args.batch, steps=args.steps))
         written = generate_folder(args.out, list(range(lo, hi + 1)), plan, progress=not args.quiet)
         print(f"{hi - lo + 1} images (seeds {lo}-{hi}, {written} new) in {args.out}")
         return 0
@@ -324,10 +324,10 @@ def _run_generate(args) -> int:
 
         seeds = list(range(lo, hi + 1))
         plan = foreign_plan(args.model, seeds, lora=args.lora, prompt=args.prompt, prompts_file=args.prompts,
-                            class_prompts=args.class_prompts, template=args.template, steps=args.steps or 50,
-                            guidance=7.5 if args.guidance is None else args.guidance, batch=args.batch or 16,
-                            resolution=args.resolution, revision=args.revision, device=args.device,
-                            compile=args.compile)
+                            class_prompts=args.class_prompts, resolution=args.resolution, revision=args.revision,
+                            device=args.device, compile=args.compile,
+                            **_given(template=args.template, steps=args.steps, guidance=args.guidance,
+                                     batch=args.batch))
         written = generate_folder(args.out, seeds, plan, progress=not args.quiet)
         print(f"{hi - lo + 1} images (seeds {lo}-{hi}, {written} new) in {args.out}")
         return 0
@@ -348,8 +348,8 @@ def _run_generate(args) -> int:
         if args.compile:
             raise InputError("--compile", "only SD pipelines and runs are compiled")
         written = generate_run(args.run, args.out, seeds=list(range(lo, hi + 1)), snapshot=args.snapshot,
-                               class_label=args.class_label, batch=args.batch or 256, steps=args.steps or 18,
-                               device=args.device, progress=not args.quiet)
+                               class_label=args.class_label, device=args.device, progress=not args.quiet,
+                               **_given(batch=args.batch, steps=args.steps))
     print(f"{hi - lo + 1} images (seeds {lo}-{hi}, {written} new) in {args.out}")
     return 0
 
@@ -387,6 +387,11 @@ def _run_sweep(args) -> int:
     if launched()[0] == 0:  # one summary line per sweep, not per process
         print(f"{len(rows)} finished points in {spec.out_dir / 'results.csv'}")
     return 0
+
+
+def _given(**options) -> dict:
+    """The options the user gave (not None): the callee owns every default."""
+    return {k: v for k, v in options.items() if v is not None}
 
 
 def _one_line(text: str) -> str:

@@ -221,6 +221,14 @@ def read_json(path: str | os.PathLike, what: str = "JSON file"):
         raise InputError(path, f"unreadable {what} ({exc.__class__.__name__}: {exc})") from None
 
 
+def read_object(path: str | os.PathLike, what: str = "JSON file") -> dict:
+    """A JSON file that must hold an object (a config, an index): anything else is an InputError naming it."""
+    data = read_json(path, what)
+    if not isinstance(data, dict):
+        raise InputError(path, f"expected a JSON object ({what})")
+    return data
+
+
 def read_record(path: str | os.PathLike, schema: Schema) -> dict:
     """A JSON record checked against ``schema`` (see :func:`check`)."""
     return check(schema, read_json(path, schema.what), path)

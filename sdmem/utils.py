@@ -26,6 +26,20 @@ def resolve_device(device: str = "auto") -> str:
     return device
 
 
+def file_sha256(path: str | os.PathLike, chunk: int = 8 << 20) -> str:
+    """sha256 (hex) of a file's bytes, streamed; an unreadable file is an InputError naming it."""
+    import hashlib
+
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(chunk), b""):
+                h.update(block)
+    except OSError as exc:
+        raise InputError(path, f"unreadable ({exc.strerror or exc})") from None
+    return h.hexdigest()
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], *, fsync: bool = False) -> None:
     """``write(tmp)`` to a temporary file beside ``path``, then rename it into place: a kill leaves the old
     file or the new one, never half of one. ``fsync`` also flushes it to disk first (for checkpoints)."""

@@ -14,7 +14,7 @@ from ..config import fingerprint
 from ..errors import InputError
 from ..generation import Plan, generate_folder
 from ..runs import read_run_config
-from ..utils import resolve_device
+from ..utils import file_sha256, resolve_device
 from .run import load_snapshot, resolve_snapshot, snapshot_info
 from .sampler import heun_sampler, seeded_class_labels, seeded_latents, to_uint8
 
@@ -84,8 +84,6 @@ def pickle_plan(path: str | os.PathLike, *, class_label: str | int | None = "ran
     """The generation plan of a published EDM network pickle (edm-*.pkl), read by the restricted loader
     (sdmem.edm.pickles: nothing in the file is ever executed). The sampler never goes below the network's
     trained σ range, as EDM's own generate.py clamps it."""
-    import hashlib
-
     from .pickles import load_edm_pickle
 
     path = Path(path)
@@ -94,11 +92,7 @@ def pickle_plan(path: str | os.PathLike, *, class_label: str | int | None = "ran
     label_dim, res = int(info["label_dim"]), int(info["img_resolution"])
     fixed = _fixed_class(class_label, label_dim)
     sigma_min = max(0.002, float(info.get("sigma_min") or 0.0))
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    settings = {"made_by": {"kind": "edm-pickle", "sha256": digest.hexdigest()}, "snapshot": path.name,
+    settings = {"made_by": {"kind": "edm-pickle", "sha256": file_sha256(path)}, "snapshot": path.name,
                 "sampler": "edm-heun", "steps": steps, "sigma_min": sigma_min, "batch": batch, "size": [res, res]}
     keep = ("class_name", "precond", "arch", "source_version", "source_match")
     return _denoiser_plan(settings, {"pickle": str(path.resolve()), "device": dev, **{k: info.get(k) for k in keep}},

@@ -33,23 +33,22 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
 import math
 import os
 import re
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Sequence
 
 import numpy as np
 
 from ..errors import InputError
 from ..generation import Plan
-from ..utils import resolve_device
+from ..records import read_object
+from ..utils import file_sha256, resolve_device
 from .components import check_diffusers_folder, ddim_scheduler, is_hub_id, quiet_transformers
 from .config import CLASS_FIELD
-from .generate import PROMPT_ENCODING, check_options, class_rule, fuse_lora, sampling_renderer
+from .generate import PROMPT_ENCODING, check_options, class_prompt_rule, fuse_lora, sampling_renderer
 from .lora import LORA_WEIGHTS
 
 FINGERPRINT_RULE = ("sha256 over model_index.json and every top-level file of each loaded component folder: "
@@ -147,13 +146,7 @@ def default_resolution(root: Path) -> int:
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise InputError(path, f"unreadable JSON ({exc.__class__.__name__}: {exc})") from None
-    if not isinstance(data, dict):
-        raise InputError(path, "expected a JSON object")
-    return data
+    return read_object(path, "JSON file")
 
 
 # ------------------------------------------------------------------------------------------------------ the LoRA
@@ -280,17 +273,6 @@ def _summary(exc: BaseException, limit: int = 300) -> str:
         exc.__class__.__name__
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    try:
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(8 * _MIB), b""):
-                h.update(chunk)
-    except OSError as exc:
-        raise InputError(path, f"unreadable ({exc.strerror or exc})") from None
-    return h.hexdigest()
-
-
 class _Capture(logging.Handler):
     def __init__(self):
         super().__init__(logging.WARNING)
@@ -414,8 +396,7 @@ def foreign_plan(model: str | os.PathLike, seeds: Sequence[int], *, lora: str | 
                                            f"{{class}}'), got {template!r}")
         names = folder_class_names(class_prompts)
         # The rule of sdmem SD runs with class prompts: count/C seeds per class in seed order.
-        cfg = SimpleNamespace(data=SimpleNamespace(prompt="class", class_template=template))
-        condition = class_rule(cfg, names, "random", min(seeds, default=0), max(len(seeds), 1))
+        condition = class_prompt_rule(template, names, "random", min(seeds, default=0), max(len(seeds), 1))
         info.update(prompt_mode="class_prompts", class_prompts=str(Path(class_prompts).resolve()),
                     template=template, class_names=names)
 

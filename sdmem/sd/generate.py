@@ -51,6 +51,13 @@ def class_rule(cfg: SDConfig, class_names: list[str] | None, class_label: str | 
         return lambda seed: {"prompt": cfg.data.plain_template}
     if not class_names:
         raise InputError("--class", "the run folder records no class names (subset.json)")
+    return class_prompt_rule(cfg.data.class_template, class_names, class_label, first, count)
+
+
+def class_prompt_rule(template: str, class_names: list[str], class_label: str | int | None, first: int,
+                      count: int) -> Callable[[int], dict]:
+    """Class prompts (``template`` with each class name): class ⌊(s − first)·C/count⌋ of seed s, or one fixed
+    class (``class_label``: an index or a name); shared by SD runs and any diffusers pipeline."""
     c_count = len(class_names)
     if class_label in (None, "random", "balanced"):
         def pick(seed: int) -> int:
@@ -70,8 +77,7 @@ def class_rule(cfg: SDConfig, class_names: list[str] | None, class_label: str | 
 
         def pick(seed: int) -> int:
             return fixed
-    return lambda seed: {"prompt": class_prompt(cfg.data.class_template, class_names[pick(seed)]),
-                         "class": pick(seed)}
+    return lambda seed: {"prompt": class_prompt(template, class_names[pick(seed)]), "class": pick(seed)}
 
 
 def load_run_pipeline(run_dir: str | os.PathLike, *, snapshot: str = "final", device: str = "cpu",
