@@ -1,19 +1,23 @@
-"""Published EDM network pickles (sdmem.edm.pickles): restricted unpickling, source recognition, rebuilding.
+"""Published EDM network pickles (sdmem.edm.pickles, read by sdmem.safe_pickle): restricted unpickling, source
+recognition by SHA-256, rebuilding.
 
 No real pickle can be downloaded here, and NVlabs' network source may not be copied into the tests, so the
 pickles are written the way EDM's ``torch_utils.persistence`` writes them (each persistent object as a call of
 ``torch_utils.persistence._reconstruct_persistent_obj(meta)``, meta holding module_src, class_name, version 6
 and the object's __dict__ with ``_init_args`` / ``_init_kwargs``; tensors through torch's own reducers) from
-sdmem networks, with a tiny stand-in source whose hash the tests register as known.
+sdmem networks, with a tiny stand-in source whose hash the tests register as known (with the published
+SongUNet signature as its defaults, which the stand-in's own signature is checked to equal).
 """
 
 import json
 import collections
 import hashlib
+import inspect
 import io
 import math
 import os
 import pickle
+import re
 import subprocess
 import sys
 import types
@@ -29,6 +33,7 @@ from sdmem.edm.networks import Conv2d, FourierEmbedding, GroupNorm, Linear, Posi
 from sdmem.edm.pickles import load_edm_pickle, read_edm_pickle, recognise_source
 from sdmem.edm.precond import EDMPrecond, VEPrecond, VPPrecond
 from sdmem.errors import InputError
+from sdmem.safe_pickle import PersistentRecord, read_pickle
 
 # Our own stand-in for a network module's source: SongUNet's signature (EDM's defaults), nothing that runs.
 STANDIN_SRC = '''"""Stand-in network module (sdmem tests): SongUNet's constructor signature only."""
@@ -74,8 +79,10 @@ def _sha(src: str) -> str:
 
 @pytest.fixture
 def standin(monkeypatch):
-    """The stand-in source counts as a published version (for this test only)."""
+    """The stand-in source counts as a published version (for this test only), with the Oct 2022 version's
+    SongUNet signature as its defaults (which its own signature equals: test_standin_signature_is_the_published_one)."""
     monkeypatch.setitem(pickles.KNOWN_SOURCES, _sha(STANDIN_SRC), STANDIN_LABEL)
+    monkeypatch.setitem(pickles.SONGUNET_SIGNATURES, STANDIN_LABEL, pickles.SONGUNET_SIGNATURES[pickles._V_2022_10])
 
 
 @pytest.fixture
@@ -215,21 +222,86 @@ def test_module_names_follow_edms_songunet():
     assert "model.map_noise.freqs" in ncsn.state_dict() and "4x4_aux_residual" in ncsn.model.enc
 
 
-def test_syntax_tree_match_ignores_comments_and_line_endings(tmp_path, persistence, monkeypatch):
-    variant = STANDIN_SRC.replace('"""\n', '"""\n# a comment NVlabs might have had\n', 1).replace("\n", "\r\n")
-    assert recognise_source(variant) is None
-    monkeypatch.setitem(pickles.KNOWN_SOURCE_TREES, pickles._syntax_fingerprint(STANDIN_SRC), STANDIN_LABEL)
+def test_an_edited_source_is_refused_only_line_endings_may_differ(tmp_path, standin, persistence):
+    """Recognition is by SHA-256 of the text alone: a comment, a space or a changed default makes it unknown."""
     net, kwargs = tiny_denoiser("edm-ddpmpp-uncond")
-    _, info = load_edm_pickle(write_pickle(tmp_path / "n.pkl", net, persistence, kwargs, src=variant))
-    assert info["source_match"] == "syntax tree" and info["source_version"] == STANDIN_LABEL
-    changed = STANDIN_SRC.replace("num_blocks=4", "num_blocks=3")  # code, not layout: not the same source
-    assert recognise_source(changed) is None
+    crlf = STANDIN_SRC.replace("\n", "\r\n")  # the hash is of the text with LF line endings
+    assert recognise_source(crlf) == (STANDIN_LABEL, "text", _sha(STANDIN_SRC))
+    _, info = load_edm_pickle(write_pickle(tmp_path / "crlf.pkl", net, persistence, kwargs, src=crlf))
+    assert info["source_version"] == STANDIN_LABEL and info["source_sha256"] == _sha(STANDIN_SRC)
+    edits = {"comment": STANDIN_SRC.replace('"""\n', '"""\n# a comment NVlabs might have had\n', 1),
+             "space": STANDIN_SRC.replace("pass\n", "pass \n"),
+             "indent": STANDIN_SRC.replace("\n                 model_channels", "\n        model_channels"),
+             "default": STANDIN_SRC.replace("num_blocks=4", "num_blocks=3")}
+    for name, variant in edits.items():
+        assert variant != STANDIN_SRC and recognise_source(variant) is None, name
+        path = write_pickle(tmp_path / f"{name}.pkl", net, persistence, kwargs, src=variant)
+        raises(lambda: load_edm_pickle(path), str(path), "not one of NVlabs' published versions", "it was not run")
+    assert not hasattr(pickles, "KNOWN_SOURCE_TREES") and not hasattr(pickles, "_syntax_fingerprint")
 
 
 def test_published_sources_are_registered():
-    assert len(pickles.KNOWN_SOURCES) == 2 and len(pickles.KNOWN_SOURCE_TREES) == 2
-    assert all(len(h) == 64 and "NVlabs/edm" in v for h, v in pickles.KNOWN_SOURCES.items())
-    assert set(pickles.KNOWN_SOURCES.values()) == set(pickles.KNOWN_SOURCE_TREES.values())
+    """Two distinct SHA-256s, one per published version, each with SongUNet's signature in sdmem's table."""
+    hashes, versions = list(pickles.KNOWN_SOURCES), list(pickles.KNOWN_SOURCES.values())
+    assert len(hashes) == 2 and len(set(hashes)) == 2 and len(set(versions)) == 2
+    assert all(re.fullmatch(r"[0-9a-f]{64}", h) for h in hashes)
+    assert all("NVlabs/edm" in v and "networks.py" in v for v in versions)
+    assert set(pickles.SONGUNET_SIGNATURES) == set(versions)  # a table entry for each version, and no other
+    oct22, nov22 = (pickles.SONGUNET_SIGNATURES[v] for v in (pickles._V_2022_10, pickles._V_2022_11))
+    # The published versions differ only inside Conv2d.forward (the fused-upsampling padding fix), not in
+    # SongUNet's signature, so their entries are equal.
+    assert oct22 == nov22
+    names = [n for n, _ in oct22]
+    assert len(names) == len(set(names))
+    # Every published argument is one sdmem's SongUNet takes (its own extra, skip_mask, is not EDM's).
+    assert names == [n for n in inspect.signature(SongUNet.__init__).parameters if n not in ("self", "skip_mask")]
+    required = [n for n, d in oct22 if d is pickles.REQUIRED]
+    assert required == ["img_resolution", "in_channels", "out_channels"]
+    defaults = dict(oct22)
+    assert (defaults["model_channels"], defaults["channel_mult"], defaults["num_blocks"]) == (128, [1, 2, 2, 2], 4)
+    assert (defaults["attn_resolutions"], defaults["dropout"], defaults["resample_filter"]) == ([16], 0.10, [1, 1])
+    assert (defaults["embedding_type"], defaults["encoder_type"], defaults["channel_mult_noise"]) == (
+        "positional", "standard", 1)
+
+
+def test_standin_signature_is_the_published_one():
+    """The stand-in (our own text) declares the same SongUNet signature as sdmem's table of the published
+    versions, so the tests' stand-in defaults are the published ones. The stand-in is run here, by the test;
+    the loader never runs any source."""
+    namespace: dict = {}
+    exec(compile(STANDIN_SRC, "<stand-in>", "exec"), namespace)  # noqa: S102 - the tests' own text
+    params = list(inspect.signature(namespace["SongUNet"].__init__).parameters.values())[1:]
+    declared = [(p.name, pickles.REQUIRED if p.default is inspect.Parameter.empty else p.default) for p in params]
+    assert declared == list(pickles.SONGUNET_SIGNATURES[pickles._V_2022_10])
+    assert [type(d) for _, d in declared] == [type(d) for _, d in pickles.SONGUNET_SIGNATURES[pickles._V_2022_10]]
+
+
+def test_network_defaults_are_copies(tmp_path, standin, persistence):
+    """Arguments left out take the published defaults (attention at 16x16: none in an 8x8 network), as copies
+    that do not share lists with sdmem's table."""
+    net, kwargs = tiny_denoiser("edm-ddpmpp-uncond")
+    del kwargs["SongUNet"]["attn_resolutions"], kwargs["SongUNet"]["resample_filter"]
+    path = write_pickle(tmp_path / "n.pkl", net, persistence, kwargs)
+    loaded, info = load_edm_pickle(path)
+    assert info["network_kwargs"]["attn_resolutions"] == [16] and info["network_kwargs"]["resample_filter"] == [1, 1]
+    assert torch.equal(denoise(loaded, 0), denoise(net, 0))
+    info["network_kwargs"]["attn_resolutions"].append(8)
+    assert dict(pickles.SONGUNET_SIGNATURES[pickles._V_2022_10])["attn_resolutions"] == [16]
+    assert load_edm_pickle(path)[1]["network_kwargs"]["attn_resolutions"] == [16]
+
+
+def test_safe_pickle_api(tmp_path):
+    """sdmem.safe_pickle on its own: plain data passes, foreign globals are refused naming the file and `what`,
+    persistent records come back inert; sdmem.edm.pickles re-exports its record classes."""
+    path = tmp_path / "plain.pkl"
+    path.write_bytes(pickle.dumps(collections.OrderedDict(a={1, 2}, b=b"\x00\xff", c=(1.5, "x")), protocol=2))
+    assert read_pickle(path) == {"a": {1, 2}, "b": b"\x00\xff", "c": (1.5, "x")}
+    path.write_bytes(pickle.dumps(_Call(os.system, "true")))
+    raises(lambda: read_pickle(path, what="test pickle"), str(path), "not a plain test pickle",
+           "refusing to load: it references")
+    raises(lambda: read_pickle(tmp_path / "absent.pkl", what="test pickle"), "absent.pkl",
+           "cannot open the test pickle")
+    assert pickles.PersistentRecord is PersistentRecord and pickles.read_edm_pickle is not read_pickle
 
 
 # --- refusals ---------------------------------------------------------------------------------------------------
@@ -249,7 +321,7 @@ def test_embedded_source_is_never_run(tmp_path, persistence, monkeypatch):
     assert not marker.exists()
     # Even a source that were registered as known is only ever read, never run.
     monkeypatch.setitem(pickles.KNOWN_SOURCES, _sha(evil), "wrongly trusted")
-    raises(lambda: load_edm_pickle(path), str(path), "SongUNet")
+    raises(lambda: load_edm_pickle(path), str(path), "knows no SongUNet defaults", "wrongly trusted")
     assert not marker.exists()
 
 
@@ -293,9 +365,9 @@ def test_iddpm_preconditioning_is_refused(tmp_path, standin, persistence):
     raises(lambda: load_edm_pickle(path), str(path), "iDDPMPrecond", "VPPrecond, VEPrecond and EDMPrecond")
 
 
-def test_defaults_come_from_the_source_and_misfits_are_refused(tmp_path, standin, persistence):
+def test_defaults_come_from_the_published_version_and_misfits_are_refused(tmp_path, standin, persistence):
     net, kwargs = tiny_denoiser("edm-ddpmpp-uncond")
-    del kwargs["SongUNet"]["num_blocks"]  # so the source's default, 4, applies: 1-block tensors do not fit
+    del kwargs["SongUNet"]["num_blocks"]  # so the published default, 4, applies: 1-block tensors do not fit
     path = write_pickle(tmp_path / "n.pkl", net, persistence, kwargs)
     raises(lambda: load_edm_pickle(path), str(path), "tensors do not fit", "missing")
 
