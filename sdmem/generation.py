@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import queue
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -29,6 +27,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .errors import InputError
+from .pipeline import Background
 from .utils import atomic_write_text, save_png
 
 MANIFEST = "manifest.json"
@@ -191,38 +190,19 @@ class PngWriter:
     """
 
     def __init__(self, done: Callable[[int], None] | None = None, depth: int = 2):
-        self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._done = done or (lambda n: None)
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="sdmem-png-writer", daemon=True)
-        self._thread.start()
+        self._writer = Background.consume(self._write, name="sdmem-png-writer", depth=depth)
 
-    def _run(self) -> None:
-        while True:
-            items = self._queue.get()
-            if items is None:
-                return
-            if self._error is not None:
-                continue  # keep draining, so that put() never blocks on a dead writer
-            try:
-                for path, img in items:
-                    save_png(path, img)
-                self._done(len(items))
-            except BaseException as exc:  # noqa: BLE001 - handed to the caller
-                self._error = exc
-
-    def _check(self) -> None:
-        if self._error is not None:
-            raise self._error
+    def _write(self, items: list) -> None:
+        for path, img in items:
+            save_png(path, img)
+        self._done(len(items))
 
     def put(self, items: list) -> None:
-        self._check()
-        self._queue.put(items)
+        self._writer.put(items)
 
     def close(self) -> None:
-        if self._thread.is_alive():
-            self._queue.put(None)
-            self._thread.join()
+        self._writer.close()
 
     def __enter__(self) -> "PngWriter":
         return self
@@ -230,7 +210,7 @@ class PngWriter:
     def __exit__(self, kind, exc, tb) -> None:
         self.close()
         if kind is None:
-            self._check()
+            self._writer.check()
 
 
 def seed32(seed: int) -> int:

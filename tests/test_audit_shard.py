@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 
 from sdmem.audit import audit, knn
+from sdmem.audit import dedup as dedup_module
+from sdmem.audit.engines import int8 as int8_engine
 from sdmem.audit.knn import search_top2
 from sdmem.audit.shard import SOLO, Comm, merge_top2, shard_range
 from sdmem.data.base import ArraySource
@@ -220,13 +222,13 @@ def test_more_processes_than_training_images(one_thread):
 def test_fingerprint_collisions_are_resolved_by_the_bytes(backend, monkeypatch, one_thread):
     """Every fingerprint equal: the device sketch (int8) all zeros, or SHA-256 digests equal in their first 8 bytes
     (float backends): only exact copies are merged, in one process and across shards."""
-    real = knn._digests
+    real = dedup_module._digests
 
     def colliding(buf, width, a, b):
         return [b"\0" * 8 + dg[8:] for dg in real(buf, width, a, b)]
 
-    monkeypatch.setattr(knn, "_digests", colliding)
-    monkeypatch.setattr(knn, "_sketch", lambda proj: np.zeros((proj.shape[0], 8), dtype=np.int64))
+    monkeypatch.setattr(dedup_module, "_digests", colliding)
+    monkeypatch.setattr(int8_engine, "_sketch", lambda proj: np.zeros((proj.shape[0], 8), dtype=np.int64))
     queries, train = tricky_set(seed=2)
     want = top2_of(brute_sq(queries, train), first_copies(train) == np.arange(len(train)))
     solo = search_top2(queries, train, block_size=4, backend=backend)

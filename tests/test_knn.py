@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from sdmem.audit import knn
+from sdmem.audit.engines import int8 as int8_engine
 from sdmem.audit.gemm import sqdist
 from sdmem.audit.knn import Top2, search_top2
 from sdmem.data.base import ArraySource
@@ -227,12 +228,13 @@ def test_int8_k_split_and_int64_glue(monkeypatch, device, data):
     train = np.concatenate([train, extreme])
     queries = np.concatenate([queries, extreme[[0, 3]]])
     # int32 glue with the feature dimension split into chunks of 16 (accumulated in int32)
-    check(search_top2(queries, train, backend="int8", device=device, block_size=23, _k_chunk=16),
-          queries, train)
+    monkeypatch.setattr(knn.TUNING, "k_chunk", 16)
+    check(search_top2(queries, train, backend="int8", device=device, block_size=23), queries, train)
     # the int64 glue used for huge D, forced on a small one
-    monkeypatch.setattr(knn, "_INT32_MAX_DIM", 10)
-    check(search_top2(queries, train, backend="int8", device=device, block_size=23, _k_chunk=24),
-          queries, train)
+    monkeypatch.setattr(int8_engine, "_INT32_MAX_DIM", 10)
+    monkeypatch.setattr(knn.TUNING, "k_chunk", 24)
+    check(search_top2(queries, train, backend="int8", device=device, block_size=23), queries, train)
+    monkeypatch.setattr(knn.TUNING, "k_chunk", None)
     check(search_top2(queries, train, backend="int8", device=device, block_size=23), queries, train)
 
 
@@ -373,12 +375,13 @@ def test_query_blocks_are_balanced():
 
 
 @pytest.mark.parametrize("cfg", BACKENDS)
-def test_many_query_blocks(cfg):
+def test_many_query_blocks(cfg, monkeypatch):
     backend, device = cfg
+    monkeypatch.setattr(knn.TUNING, "query_block", 33)
     rng = np.random.default_rng(8)
     train = rng.integers(0, 256, (70, 24), dtype=np.uint8)
     queries = near_copies(rng, train, 100, 40)
-    res = search_top2(queries, train, backend=backend, device=device, block_size=16, _query_block=33)
+    res = search_top2(queries, train, backend=backend, device=device, block_size=16)
     check(res, queries, train)
     assert math.isfinite(res.sqdist.max())
 

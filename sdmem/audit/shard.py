@@ -2,7 +2,7 @@
 
 Every process searches *all* generated images against its contiguous share of the training rows
 (:func:`shard_range`); the per-process top-2 candidates ``(squared distance, training index)`` are then
-all-gathered and merged exactly (:func:`merge_top2`, ties to the lowest training index as in one process).
+all-gathered and merged exactly (:func:`~sdmem.audit.top2.merge_top2`, the merge of one process too; ties to the lowest training index as in one process).
 
 Duplicates are found globally: each process fingerprints its rows in the search pass as one process does
 (device projections confirmed byte for byte with the int8 backend, SHA-256 with the float ones; exact copies
@@ -27,11 +27,12 @@ from __future__ import annotations
 
 import os
 from contextlib import contextmanager
-from typing import Iterator, Sequence
+from typing import Iterator
 
 import numpy as np
 
 from ..errors import InputError, SdmemError
+from .top2 import merge_top2  # noqa: F401 (the one top-2 merge: in one process and across shards)
 
 __all__ = ["Comm", "SOLO", "shard_range", "merge_top2", "launched", "process_group"]
 
@@ -39,31 +40,6 @@ __all__ = ["Comm", "SOLO", "shard_range", "merge_top2", "launched", "process_gro
 def shard_range(n: int, rank: int, world: int) -> tuple[int, int]:
     """Rows [lo, hi) of process ``rank`` of ``world``: contiguous, sizes differ by at most one, in rank order."""
     return n * rank // world, n * (rank + 1) // world
-
-
-def merge_top2(parts: Sequence[tuple[np.ndarray, np.ndarray]],
-               duplicates: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """The exact top-2 per query over the union of candidate lists.
-
-    Args:
-        parts: (sqdist float64 [Q, k], index int64 [Q, k]) per process; index < 0 marks no candidate.
-        duplicates: when given (int64 [N], each row's first identical copy), candidates that are not their
-            own first copy are dropped.
-
-    Returns:
-        (sqdist float64 [Q, 2], index int64 [Q, 2]) ascending by (distance, index): ties go to the lowest
-        training index; missing entries are (inf, -1).
-    """
-    sq = np.concatenate([np.asarray(p[0], dtype=np.float64) for p in parts], 1)
-    idx = np.concatenate([np.asarray(p[1], dtype=np.int64) for p in parts], 1)
-    bad = idx < 0
-    if duplicates is not None:
-        safe = np.where(bad, 0, idx)
-        bad |= duplicates[safe] != safe
-    sq = np.where(bad, np.inf, sq)
-    idx = np.where(bad, -1, idx)
-    order = np.lexsort((np.where(bad, np.iinfo(np.int64).max, idx), sq), axis=1)[:, :2]
-    return np.take_along_axis(sq, order, 1), np.take_along_axis(idx, order, 1)
 
 
 class Comm:
