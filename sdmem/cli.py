@@ -184,48 +184,17 @@ def _add_train(sub) -> None:
 def _run_train(args) -> int:
     import json
 
+    from . import kinds
     from .runs import load_config
 
     cfg = load_config(args.config, args.overrides)
-    if cfg.kind == "sd":
-        return _run_train_sd(cfg, args)
-    from .edm.train import dry_run, train
-
+    kind = kinds.get(cfg.kind)
     if args.dry_run:
-        print(json.dumps(dry_run(cfg), indent=2))
+        print(json.dumps(kind.dry_run(cfg), indent=2))
         return 0
-    summary = train(cfg, progress=not args.quiet)
-    best = summary.get("best")
-    if not summary.get("main_process", True):  # one line per run, not per process
-        return 0
-    line = f"trained {summary['steps']} steps ({summary['epochs']:.1f} epochs) on {summary['num_train']} images"
-    if best:
-        line += (f"; highest memorization ratio {100 * best['memorization_ratio']:.2f}% at epoch {best['epoch']}"
-                 f" (KNN distance {best['knn_distance']:.3f})")
-    print(line + f"; run folder {summary['out_dir']}")
-    return 0
-
-
-def _run_train_sd(cfg, args) -> int:
-    import json
-
-    from .sd.train import dry_run, train
-
-    if args.dry_run:
-        print(json.dumps(dry_run(cfg), indent=2))
-        return 0
-    summary = train(cfg, progress=not args.quiet)
-    if not summary.get("main_process", True):  # one line per run, not per process
-        return 0
-    if summary.get("already_done"):
-        print(f"already trained ({summary['steps']} steps, {summary['images_seen']} images seen); outputs in "
-              f"{summary['out_dir']}")
-        return 0
-    final = summary.get("final") or {}
-    print(f"trained {summary['steps']} steps ({summary['images_seen']} images seen) on {summary['num_train']} images"
-          + (f"; last loss {summary['loss']:.4g}" if summary.get("loss") is not None else "")
-          + f"; {cfg.model.method} weights ({final.get('weights', 'ema')}) in "
-          f"{summary['out_dir']}")
+    summary = kind.train(cfg, progress=not args.quiet)
+    if summary.get("main_process", True):  # one line per run, not per process
+        print(kind.trained_line(cfg, summary))
     return 0
 
 
@@ -331,25 +300,13 @@ def _run_generate(args) -> int:
         written = generate_folder(args.out, seeds, plan, progress=not args.quiet)
         print(f"{hi - lo + 1} images (seeds {lo}-{hi}, {written} new) in {args.out}")
         return 0
+    from . import kinds
     from .runs import run_kind
 
-    if run_kind(args.run) == "sd":
-        from .sd.generate import generate_run as generate_sd
-
-        written = generate_sd(args.run, args.out, seeds=list(range(lo, hi + 1)), snapshot=args.snapshot,
-                              class_label=args.class_label, batch=args.batch, steps=args.steps,
-                              guidance=args.guidance, device=args.device, progress=not args.quiet,
-                              compile=args.compile)
-    else:
-        from .edm.generate import generate_run
-
-        if args.guidance is not None:
-            raise InputError("--guidance", "only SD runs take a guidance scale")
-        if args.compile:
-            raise InputError("--compile", "only SD pipelines and runs are compiled")
-        written = generate_run(args.run, args.out, seeds=list(range(lo, hi + 1)), snapshot=args.snapshot,
-                               class_label=args.class_label, device=args.device, progress=not args.quiet,
-                               **_given(batch=args.batch, steps=args.steps))
+    written = kinds.get(run_kind(args.run)).generate(
+        args.run, args.out, seeds=list(range(lo, hi + 1)), progress=not args.quiet, device=args.device,
+        **_given(snapshot=args.snapshot, class_label=args.class_label, batch=args.batch, steps=args.steps,
+                 guidance=args.guidance, compile=args.compile or None))
     print(f"{hi - lo + 1} images (seeds {lo}-{hi}, {written} new) in {args.out}")
     return 0
 

@@ -17,13 +17,12 @@ from typing import Sequence
 
 from . import config as _engine
 from .config import changed_training_keys, config_to_dict, keys_added_since, stored_config
-from .edm.config import EDMConfig
 from .errors import InputError
+from .kinds import CONFIGS
 from .records import read_json  # noqa: F401 (the one JSON reader; sdmem.runs.read_json kept for callers)
-from .sd.config import SDConfig
 from .utils import atomic_write_text
 
-KINDS: dict[str, type] = {"edm": EDMConfig, "sd": SDConfig}
+KINDS: dict[str, type] = CONFIGS  # kind name -> config class (sdmem.kinds registers them)
 _SNAPSHOT_RE = re.compile(r"^ema-(\d{7})\.safetensors$")
 _CKPT_RE = re.compile(r"^step-(\d{7})$")
 

@@ -59,7 +59,7 @@ def test_two_runs_overlaid(tmp_path, capsys):
 
 def test_sd_run_and_untracked_run_refused(tmp_path):
     sd, _ = _run(tmp_path / "sd", [], kind="sd")
-    with pytest.raises(InputError, match="sd: is an SD run.*tracking"):
+    with pytest.raises(InputError, match="sd: is a run of kind sd: its training tracks no memorization"):
         _cli("curves", [sd, "--out", tmp_path / "o"])
     untracked, _ = _run(tmp_path / "untracked", [])
     with pytest.raises(InputError, match="untracked: has no tracked memorization.*track.num_images"):

@@ -22,13 +22,13 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import kinds
 from ..errors import InputError
 from ..records import AUDIT_SUMMARY, POINT, RESULT_ROW, SUBSET_INFO, TRACKED, check, ci_interval, read_record
 from ..utils import atomic_write, atomic_write_text, staged_folder
 from .emm import finite_number as _num
 
 METRICS = ("memorization_ratio", "memorization_ratio_low", "memorization_ratio_high", "knn_distance")
-TABLE3_ROWS, TABLE3_COLS = ("model.method", "model.rank"), ("data.prompt", "size")
 _ORDER = {"model.method": {"lora": 0, "full": 1}, "data.prompt": {"plain": 0, "class": 1}}
 _RESULT = {"num_params", "size", "epoch", "step", "images_seen", "num_generated", "wall_time_s", "point", "fid",
            *METRICS}
@@ -86,13 +86,11 @@ def load_sweep(folder) -> list[Result]:
     base = path.parent
     axes = [c for c in rows[0] if c not in _NOT_AXES]
     records = [_point_config(base / r["point"]) if r.get("point") else None for r in rows]
-    kinds = {rec.get("kind") for rec in records if rec}
-    sd_axes = set(axes) & {"model.method", "model.rank", "data.prompt"}
-    kind = kinds.pop() if len(kinds) == 1 else "sd" if sd_axes else "edm"
+    found = {rec.get("kind") for rec in records if rec}
+    kind = found.pop() if len(found) == 1 else None  # no point records: no kind, the generic layout
     flats = [flatten(rec.get("config") or {}) if rec else None for rec in records]
-    # SD: Table 3's keys that were not swept, from each point's config (when every point records it)
-    extra = [k for k in TABLE3_ROWS + TABLE3_COLS
-             if kind == "sd" and k not in axes and all(f and k in f for f in flats)]
+    # The kind's layout keys that were not swept (SD: Table 3's), from each point's config when every point has it
+    extra = [k for k in _layout_keys(kind) if k not in axes and all(f and k in f for f in flats)]
     out = []
     for n, (r, flat) in enumerate(zip(rows, flats), 1):
         num = check(RESULT_ROW, r, f"{path} row {n}", text=True)  # the numbers, checked (load_results did too)
@@ -109,11 +107,11 @@ def load_sweep(folder) -> list[Result]:
 def _run_numbers(run: Path, point: Path | None, kind: str) -> dict:
     """The audit record that holds the run's numbers: summary.json (AUDIT_SUMMARY) or best.json (TRACKED)."""
     candidates = ([point / "audit" / "summary.json"] if point else []) + [run / "audit" / "summary.json"]
-    candidates += [run / "best.json"] if kind == "edm" else []
-    for path in candidates:
+    tracked = [run / name for name in kinds.get(kind).numbers]  # e.g. EDM's best.json (a tracked snapshot)
+    for path in candidates + tracked:
         if path.is_file():
-            return read_record(path, TRACKED if path.name == "best.json" else AUDIT_SUMMARY)
-    missing = "no audit/summary.json" + (", no best.json" if kind == "edm" else "")
+            return read_record(path, TRACKED if path in tracked else AUDIT_SUMMARY)
+    missing = ", ".join(["no audit/summary.json"] + [f"no {p.name}" for p in tracked])
     raise InputError(run, f"has no memorization numbers ({missing}); make them with `sdmem generate {run} "
                           f"--num 10000 --out {run}/generated` then `sdmem audit --train {run} --generated "
                           f"{run}/generated --out {run}/audit`")
@@ -148,8 +146,8 @@ def load_runs(paths) -> list[Result]:
     # Columns: the keys that differ between the runs, size, and (SD) Table 3's keys
     keys = list(dict.fromkeys(k for *_, flat, _ in found for k in flat))
     differ = [k for k in keys if len({f.get(k, "") for *_, f, _ in found}) > 1 and k not in ("out_dir", "data.size")]
-    sd = any(x[3] == "sd" for x in found)
-    columns = list(dict.fromkeys(differ + [k for k in TABLE3_ROWS + TABLE3_COLS if sd and k in keys] + ["size"]))
+    laid = [k for kind in dict.fromkeys(x[3] for x in found) for k in _layout_keys(kind) if k in keys]
+    columns = list(dict.fromkeys(differ + laid + ["size"]))
     names = [p.name if p else g.name for g, p, *_ in found]
     out = []
     for (given, point, run, kind, flat, nums), name in zip(found, names):
@@ -182,15 +180,16 @@ def layout(results: list[Result], rows=None, cols=None) -> tuple[list[str], list
                 raise InputError(flag, f"unknown column {c!r}; columns: {', '.join(columns)}")
     if rows is not None and cols is not None and set(rows) & set(cols):
         raise InputError("--rows", f"{sorted(set(rows) & set(cols))[0]!r} is in both --rows and --cols")
-    kinds = sorted({r.kind for r in results})
-    if len(kinds) > 1 and rows is None and cols is None:
-        raise InputError("--rows/--cols", f"runs of different kinds ({', '.join(kinds)}) have no common layout; "
+    found = sorted({str(r.kind) for r in results})
+    if len(found) > 1 and rows is None and cols is None:
+        raise InputError("--rows/--cols", f"runs of different kinds ({', '.join(found)}) have no common layout; "
                                           "give --rows and/or --cols to group them (e.g. --rows kind --cols size)")
     varying = [c for c in columns if len({r.values.get(c, "") for r in results}) > 1
                and not (c == "data.size" and "size" in columns)]
-    if kinds == ["sd"]:
-        d_rows = [c for c in TABLE3_ROWS if c in columns] + [c for c in varying if c not in TABLE3_ROWS + TABLE3_COLS]
-        d_cols = [c for c in TABLE3_COLS if c in columns]
+    preset = _kind_layout(results[0].kind) if len(found) == 1 and results else None
+    if preset:  # the kind's own layout (SD: the paper's Table 3)
+        d_rows = [c for c in preset[0] if c in columns] + [c for c in varying if c not in preset[0] + preset[1]]
+        d_cols = [c for c in preset[1] if c in columns]
     else:
         d_cols = ["size"] if "size" in columns else []
         # Rows: what tells curves apart, not what moves with the size (e.g. epochs zipped with |D|).
@@ -202,6 +201,15 @@ def layout(results: list[Result], rows=None, cols=None) -> tuple[list[str], list
     if rows is None:
         return [c for c in dict.fromkeys(d_rows + varying) if c not in cols], list(cols)
     return list(rows), list(cols)
+
+
+def _kind_layout(kind) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
+    return kinds.get(kind).layout if kind in kinds.names() else None
+
+
+def _layout_keys(kind) -> tuple[str, ...]:
+    preset = _kind_layout(kind)
+    return preset[0] + preset[1] if preset else ()
 
 
 def _follows_size(results: list[Result], column: str) -> bool:

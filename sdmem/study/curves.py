@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import kinds
 from ..errors import InputError
 from ..records import AUDIT_SUMMARY, TRACKED, ci_interval, read_record, read_rows
 from ..utils import atomic_write, atomic_write_text, staged_folder
@@ -86,9 +87,12 @@ def tracked_rows(run: Path) -> list[dict]:
     if not isinstance(cfg, dict):
         kind = {list: "a list", str: "a string", type(None): "null", bool: "a boolean"}.get(type(cfg), "a number")
         raise InputError(paths.config, f"expected a JSON object (run config), got {kind}")
-    if cfg.get("kind") == "sd":
-        raise InputError(run, "is an SD run: its training tracks no memorization (no tracking.jsonl); compare its "
-                              "audits with `sdmem compare`")
+    kind = cfg.get("kind")
+    if kind not in kinds.names():
+        raise InputError(paths.config, f"kind: holds a run of kind {kind!r}; expected one of {', '.join(kinds.names())}")
+    if not kinds.get(kind).tracks_memorization:
+        raise InputError(run, f"is a run of kind {kind}: its training tracks no memorization (no tracking.jsonl); "
+                              "compare its audits with `sdmem compare`")
     rows = []
     for r in read_rows(paths.tracking, TRACKED):
         lo, hi = ci_interval(r)

@@ -37,9 +37,10 @@ from typing import Any, Sequence
 
 from ..config import (config_to_dict, diff_configs, fingerprint, flatten_config, keys_added_since,
                       read_yaml_mapping, stored_config)
+from .. import kinds
 from ..errors import InputError
-from ..records import CLAIM, FINAL, POINT, RESULT, SUBSET_INFO, SWEEP, TRACKED, check, read_record
-from ..runs import KINDS, RunPaths, config_from_mapping
+from ..records import CLAIM, POINT, RESULT, SWEEP, check, read_record
+from ..runs import KINDS, config_from_mapping
 from ..utils import atomic_write_text, staged_folder
 
 SPEC_KEYS = ("out_dir", "base", "overrides", "axes", "zip", "generate", "report", "kind")
@@ -214,8 +215,8 @@ def point_config(spec: Spec, values: dict[str, Any], run_dir: Path):
     """The run config of one point: base, then overrides, then its values (null: the base's), out_dir its folder."""
     sets = {**spec.overrides, **{k: v for k, v in values.items() if v is not None}}
     kind = spec.base.get("kind")
-    if kind == "edm" and spec.report == "best" and "track.num_images" not in sets:
-        sets["track.num_images"] = spec.generate["num"]  # the best snapshot is judged on generate.num images
+    if kind in kinds.names():  # settings the kind adds (EDM, report: best: tracking judges generate.num images)
+        sets = {**kinds.get(kind).sweep_settings(spec.report, spec.generate), **sets}
     items = [f"{k}={json.dumps(v)}" for k, v in sets.items()] + [f"out_dir={json.dumps(str(run_dir))}"]
     try:
         return config_from_mapping(spec.base, items, str(spec.path))
@@ -544,114 +545,14 @@ def run_point(spec: Spec, p: Point, *, progress: bool = True, device: str = "aut
     if main:
         p.dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(p.dir / "point.json", json.dumps(_point_record(spec, p), indent=1) + "\n")
-    kind = p.config.kind
-    if kind == "edm":
-        from ..edm.train import train
-    else:
-        from ..sd.train import train
-    train(p.config, progress=progress)
+    kind = kinds.get(p.config.kind)
+    kind.train(p.config, progress=progress)
     if not main:
         return None
-    row = _report_edm(spec, p, progress, device) if kind == "edm" else _report_sd(spec, p, progress, device)
+    row = kind.report(p, spec.generate, spec.report, progress=progress, device=device)
     row["wall_time_s"] = round(time.perf_counter() - t0, 1)
     atomic_write_text(p.dir / "result.json", json.dumps(row, indent=1) + "\n")
     return row
-
-
-def _audit_row(report, audit_dir: Path) -> dict:
-    s = report.summary()
-    lo, hi = s["memorization_ratio_ci95"]
-    return {"memorization_ratio": s["memorization_ratio"], "memorization_ratio_low": lo, "memorization_ratio_high": hi,
-            "knn_distance": s["knn_distance"], "fid": s.get("fid"), "num_generated": s["num_generated"]}
-
-
-def _generate_and_audit(spec: Spec, p: Point, generate_run, progress: bool, device: str, **kw) -> dict:
-    from ..audit.api import audit
-    from ..fid import weights_available
-
-    g = spec.generate
-    seeds = list(range(g.get("seed", 0), g.get("seed", 0) + g["num"]))
-    generate_run(p.run_dir, p.dir / "generated", seeds=seeds, device=device, progress=progress,
-                 **{k: g[k] for k in ("batch", "steps") if k in g}, **kw)
-    # The fid column is filled when the Inception weights are at their default place (SDMEM_INCEPTION_WEIGHTS or
-    # the cache; see sdmem.fid), empty otherwise; the training set's statistics are cached once per run.
-    report = audit(p.run_dir, p.dir / "generated", out=p.dir / "audit", progress=progress,
-                   fid=weights_available())
-    return _audit_row(report, p.dir / "audit")
-
-
-def _report_edm(spec: Spec, p: Point, progress: bool, device: str) -> dict:
-    from ..edm.config import num_params
-    from ..edm.generate import generate_run
-
-    paths = RunPaths(p.run_dir)
-    info = read_record(paths.subset_info, SUBSET_INFO)
-    row = {"num_params": num_params(p.config, int(info["resolution"]), int(info["label_dim"])),
-           "size": int(info["size"])}
-    if spec.report == "best":
-        best = read_record(paths.best, TRACKED)
-        lo, hi = best["memorization_ratio_ci95"]
-        row.update(memorization_ratio=best["memorization_ratio"], memorization_ratio_low=lo,
-                   memorization_ratio_high=hi, knn_distance=best["knn_distance"], epoch=int(best["epoch"]),
-                   step=int(best["step"]), images_seen=int(best["nimg"]), num_generated=int(best["num_generated"]))
-        tracked = paths.tracking_audit(int(best["epoch"]))
-        if tracked.is_dir():  # the best snapshot's own audit (per-sample flags) becomes the point's audit
-            _replace_audit(p.dir / "audit", tracked)
-        row["fid"] = _best_fid(p, int(best["epoch"]), progress, device)
-        return row
-    snaps = paths.list_snapshots()
-    if not snaps:
-        raise InputError(paths.snapshots, "holds no EMA snapshot to report (the run saved none)")
-    epoch = max(snaps)
-    row.update(_generate_and_audit(spec, p, generate_run, progress, device, snapshot=str(epoch)))
-    from ..edm.run import snapshot_info
-
-    meta = snapshot_info(snaps[epoch])[1]
-    row.update(epoch=epoch, step=meta["step"], images_seen=meta["nimg"])
-    return row
-
-
-def _report_sd(spec: Spec, p: Point, progress: bool, device: str) -> dict:
-    from ..sd.components import resolve_pretrained
-    from ..sd.generate import generate_run
-    from ..sd.train import count_trainable
-
-    paths = RunPaths(p.run_dir)
-    final = read_record(paths.final, FINAL)
-    row = {"num_params": count_trainable(p.config, resolve_pretrained(p.config.model.pretrained,
-                                                                      p.config.model.revision, download=False)),
-           "size": int(read_record(paths.subset_info, SUBSET_INFO)["size"])}
-    row.update(_generate_and_audit(spec, p, generate_run, progress, device))
-    row.update(epoch=None, step=int(final["step"]), images_seen=int(final["images_seen"]))
-    return row
-
-
-def _replace_audit(target: Path, tracked: Path) -> None:
-    """Copy the tracked snapshot's audit to the point's audit/ (a copy beside it, then swapped in). An audit/
-    that is not an sdmem audit folder (no summary.json) is the user's: refused, never removed."""
-    if target.exists() and not (target.is_dir() and not target.is_symlink() and (target / "summary.json").is_file()):
-        raise InputError(target, "exists and is not an sdmem audit folder (no summary.json); refusing to replace it")
-    tmp = target.with_name(f".audit.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(tracked, tmp)
-    if target.exists():
-        shutil.rmtree(target)
-    os.replace(tmp, target)
-
-
-def _best_fid(p: Point, epoch: int, progress: bool, device: str) -> float | None:
-    """report: best: the FID of the best snapshot's images, when the Inception weights are in their default place
-    (else None, an empty cell). The tracked images are not kept, so they are generated again from that EMA
-    snapshot with the tracked seeds, batch and steps (the same seed grid) into generated/."""
-    from ..edm.generate import generate_run
-    from ..fid import compute_fid, weights_available
-
-    if not weights_available():
-        return None
-    t = p.config.track
-    generate_run(p.run_dir, p.dir / "generated", seeds=list(range(t.seed, t.seed + t.num_images)),
-                 snapshot=str(epoch), batch=t.batch, steps=t.steps, device=device, progress=progress)
-    return compute_fid(p.dir / "generated", p.run_dir, device=device, progress=progress).fid
 
 
 # Collection: results.csv and results.md from the finished points.
@@ -771,14 +672,7 @@ def dry_run(spec: Spec, *, only: Sequence[str] = (), shard: tuple[int, int] | No
     """The selected points with their parameter counts (nothing is written)."""
     out = []
     for p in select(points(spec), only, shard):
-        if p.config.kind == "edm":
-            from ..edm.train import dry_run as edm_dry_run
-
-            info = edm_dry_run(p.config)
-        else:
-            from ..sd.train import dry_run as sd_dry_run
-
-            info = sd_dry_run(p.config)
+        info = kinds.get(p.config.kind).dry_run(p.config)
         done = (p.dir / "result.json").exists()
         out.append({"point": p.name, **p.values, "num_params": info.get("num_params"),
                     "size": info.get("num_train"), "status": "finished" if done else "to run"})
