@@ -154,7 +154,10 @@ def config_from_dict(cls: type, data: Mapping, where: str = ""):
         raise InputError(at(exc.where), exc.problem) from None
 
 
-def _parse_override(item: str) -> tuple[str, Any]:
+def _parse_override(item) -> tuple[str, Any]:
+    """``KEY=VALUE`` (VALUE read as YAML, as ``--set`` gives it) or an already typed ``(KEY, VALUE)`` pair."""
+    if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
+        return item[0].strip(), item[1]
     key, sep, text = str(item).partition("=")
     need(bool(sep and key.strip()), "--set", f"expected KEY=VALUE (e.g. data.size=1000), got {item!r}")
     try:
@@ -163,7 +166,7 @@ def _parse_override(item: str) -> tuple[str, Any]:
         raise InputError(f"--set {key.strip()}", f"VALUE is not valid YAML ({str(exc).splitlines()[0]})") from None
 
 
-def _override_dict(cls: type, data: Mapping, overrides: Sequence[str]) -> dict:
+def _override_dict(cls: type, data: Mapping, overrides: Sequence) -> dict:
     """A copy of the raw config ``data`` with each KEY=VALUE set at its dotted path, checked against ``cls``."""
     data = dict(data)  # copied on write along each path: the caller's mapping is left as it was
     for item in overrides:

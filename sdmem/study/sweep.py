@@ -217,7 +217,7 @@ def point_config(spec: Spec, values: dict[str, Any], run_dir: Path):
     kind = spec.base.get("kind")
     if kind in kinds.names():  # settings the kind adds (EDM, report: best: tracking judges generate.num images)
         sets = {**kinds.get(kind).sweep_settings(spec.report, spec.generate), **sets}
-    items = [f"{k}={json.dumps(v)}" for k, v in sets.items()] + [f"out_dir={json.dumps(str(run_dir))}"]
+    items = list(sets.items()) + [("out_dir", str(run_dir))]  # typed values, not --set text
     try:
         return config_from_mapping(spec.base, items, str(spec.path))
     except InputError as exc:
