@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -81,6 +82,40 @@ def _numbered(folder: Path, pattern: re.Pattern) -> dict[int, Path]:
         return {}
     found = {int(m.group(1)): p for p in folder.iterdir() if (m := pattern.match(p.name))}
     return dict(sorted(found.items()))
+
+
+@dataclass(frozen=True)
+class RunRef:
+    """A run folder found from what the user gave: ``label`` (the point's or folder's name; the given path when two
+    share a name), ``run`` (the trainer's run folder), ``point`` (its sweep point folder, or None)."""
+
+    label: str
+    run: Path
+    point: Path | None
+    given: Path
+
+
+def find_runs(paths, *, sweeps: bool = True) -> list[RunRef]:
+    """The run folders behind each input: a run folder, a sweep point folder (``point.json`` + ``run/``), a point's
+    ``run/``, or (``sweeps``) a sweep folder, for all its point folders. A sweep folder with no point folder yet is
+    an InputError; anything else is returned as a run folder, for the caller to check."""
+    found = []
+    for given in map(Path, paths):
+        points = sorted(p for p in given.iterdir() if (p / "point.json").is_file() and (p / "run").is_dir()) \
+            if sweeps and given.is_dir() and not (given / "config.json").is_file() else []
+        if points:
+            found += [(p.name, p / "run", p, given) for p in points]
+        elif (given / "point.json").is_file() and (given / "run").is_dir():
+            found.append((given.name, given / "run", given, given))
+        elif given.name == "run" and (given.parent / "point.json").is_file():
+            found.append((given.parent.name, given, given.parent, given))
+        elif sweeps and (given / "results.csv").is_file():
+            raise InputError(given, "is a sweep folder without finished point folders (<point>/run)")
+        else:
+            found.append((given.name, given, None, given))
+    labels = [name for name, *_ in found]  # a name shared by two runs: their paths tell them apart
+    return [RunRef(name if labels.count(name) == 1 else str(run), run, point, given)
+            for name, run, point, given in found]
 
 
 def is_run_dir(path: str | os.PathLike) -> bool:

@@ -119,15 +119,11 @@ def _run_numbers(run: Path, point: Path | None, kind: str) -> dict:
 
 def load_runs(paths) -> list[Result]:
     """One result per run folder (or sweep point folder); axis values: the config keys that differ, and size."""
-    from ..runs import KINDS, read_json
+    from ..runs import KINDS, find_runs, read_json
 
     found = []
-    for given in map(Path, paths):
-        run, point = given, None
-        if (given / "point.json").is_file() and (given / "run").is_dir():
-            run, point = given / "run", given
-        elif given.name == "run" and (given.parent / "point.json").is_file():
-            point = given.parent
+    for ref in find_runs(paths, sweeps=False):
+        given, run, point = ref.given, ref.run, ref.point
         if not (run / "config.json").is_file():
             raise InputError(given, "is neither a run folder (no config.json) nor a sweep folder (no results.csv)")
         if point is not None:  # a sweep point: its record must be whole too

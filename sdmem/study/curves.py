@@ -21,6 +21,7 @@ import numpy as np
 
 from .. import kinds
 from ..errors import InputError
+from ..runs import find_runs as runs_find
 from ..records import AUDIT_SUMMARY, TRACKED, ci_interval, read_record, read_rows
 from ..utils import atomic_write, atomic_write_text, staged_folder
 from .emm import read_flags
@@ -57,22 +58,7 @@ def _figure(size):
 
 def find_runs(paths) -> list[tuple[str, Path]]:
     """(label, run folder) of each input: a run folder, a sweep point folder, or a sweep folder (all its points)."""
-    found = []
-    for given in map(Path, paths):
-        points = sorted(p for p in given.iterdir() if (p / "point.json").is_file() and (p / "run").is_dir()) \
-            if given.is_dir() and not (given / "config.json").is_file() else []
-        if points:
-            found += [(p.name, p / "run") for p in points]
-        elif (given / "point.json").is_file() and (given / "run").is_dir():
-            found.append((given.name, given / "run"))
-        elif given.name == "run" and (given.parent / "point.json").is_file():
-            found.append((given.parent.name, given))
-        elif (given / "results.csv").is_file():
-            raise InputError(given, "is a sweep folder without finished point folders (<point>/run)")
-        else:
-            found.append((given.name, given))
-    labels = [name for name, _ in found]  # a name shared by two runs: their paths tell them apart
-    return [(name if labels.count(name) == 1 else str(run), run) for name, run in found]
+    return [(ref.label, ref.run) for ref in runs_find(paths)]
 
 
 def tracked_rows(run: Path) -> list[dict]:
