@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from helpers import pinned_threads
 from sdmem.demo import SETTINGS, demo_spec, run_demo
 
 TINY = {"sizes": (10, 20, 30), "steps": 12, "num": 16}
@@ -21,15 +22,9 @@ def test_the_demo_spec_trains_every_size_for_the_same_steps(tmp_path):
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    import torch
-
     out = tmp_path_factory.mktemp("demo") / "out"
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with pinned_threads():
         summary = run_demo(out, settings=TINY, progress=False)
-    finally:
-        torch.set_num_threads(n)
     return out, summary
 
 

@@ -13,13 +13,8 @@ from sdmem.errors import InputError
 SMALL = dict(model_channels=16, num_blocks=1)  # fast nets for behaviour tests
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny nets gain nothing from threads, and spinning OpenMP threads stall badly on a shared, busy CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Tiny nets gain nothing from threads, and spinning OpenMP threads stall badly on a shared, busy CPU.
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 def n_params(arch, **kw):

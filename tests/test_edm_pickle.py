@@ -65,12 +65,7 @@ CASES = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 def _sha(src: str) -> str:
@@ -458,7 +453,7 @@ def test_checkpoint_check_script_generates_and_scores_a_pickle(tmp_path, standin
 
     from sdmem import fid
     from sdmem.data import ArraySource
-    from test_fid import random_state_dict
+    from helpers import random_state_dict
 
     monkeypatch.setenv("SDMEM_CACHE", str(tmp_path / "cache"))
     net, kwargs = tiny_denoiser("edm-ddpmpp-uncond")

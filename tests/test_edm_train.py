@@ -20,7 +20,7 @@ from sdmem.edm.train import Schedule, ema_beta, train
 from sdmem.training import batch_indices
 from sdmem.errors import InputError, SdmemError
 
-from conftest import TINY_EDM as TINY  # noqa: E402 (the tiny conditional digits run)
+from helpers import TINY_EDM as TINY  # the tiny conditional digits run
 
 
 def tiny_config(tmp_path, name="run", *, labels="none", epochs=8, track=0, overrides=()):
@@ -29,12 +29,7 @@ def tiny_config(tmp_path, name="run", *, labels="none", epochs=8, track=0, overr
     return load_config(path, overrides), path
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny nets: threads only add noise on a shared 2-core machine
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny nets: threads only add noise on a shared machine
 
 
 def test_the_schedule_counts_steps_and_warms_up():

@@ -33,7 +33,7 @@ def test_corrupt_snapshot(cli, run_copy, tmp_path):
 
 
 def test_corrupt_checkpoint_is_refused_on_resume(cli, run_copy, tmp_path):
-    from conftest import write_tiny_edm
+    from helpers import write_tiny_edm
 
     (run_copy / "checkpoint.safetensors").write_bytes(b"\x00" * 64)
     cfg = write_tiny_edm(tmp_path, "run", labels="true", epochs=12)  # the same run, trained longer

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import CliResult
+from helpers import CliResult
 from sdmem.audit import api
 from sdmem.audit.report import write_outputs
 from sdmem.errors import InputError

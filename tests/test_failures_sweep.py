@@ -12,7 +12,7 @@ import yaml
 
 from sdmem.errors import InputError
 from sdmem.study.sweep import (Claim, _point_record, load_spec, open_sweep_folder, points, run_sweep)
-from test_sweep import write_spec
+from helpers import write_spec
 
 
 def tree(folder):

@@ -2,25 +2,20 @@
 randomly initialised network of the right shape, the reference cache, and the refusals of bad weights files."""
 
 import json
-import math
 
 import numpy as np
 import pytest
 import scipy.linalg
 import torch
 
+from helpers import random_state_dict
 from sdmem import fid
 from sdmem.data import ArraySource
 from sdmem.errors import InputError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """One torch thread: on a shared 2-core machine two threads of Inception ran 4-5x slower than one."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# One torch thread: on a shared 2-core machine two threads of Inception ran 4-5x slower than one.
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 @pytest.fixture(autouse=True)
@@ -29,25 +24,6 @@ def private_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("SDMEM_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("SDMEM_INCEPTION_WEIGHTS", raising=False)
     return tmp_path / "cache"
-
-
-def random_state_dict(seed: int = 0) -> dict:
-    """Inception-v3 weights of the right keys and shapes, randomly initialised (He-normal convolutions)."""
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for key, shape in fid.expected_shapes().items():
-        if key.endswith("conv.weight"):
-            fan_in = shape[1] * shape[2] * shape[3]
-            out[key] = torch.randn(shape, generator=g) * math.sqrt(2 / fan_in)
-        elif key.endswith(("bn.weight", "running_var")):
-            out[key] = torch.ones(shape)
-        elif key.endswith("num_batches_tracked"):
-            out[key] = torch.zeros((), dtype=torch.long)
-        elif key == "fc.weight":
-            out[key] = torch.randn(shape, generator=g) * 0.01
-        else:
-            out[key] = torch.zeros(shape)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -307,7 +283,7 @@ def test_a_sweep_fills_the_fid_column_when_the_weights_are_in_place(weights, tmp
     import csv
 
     from sdmem.study.sweep import RESULT_COLUMNS, load_spec, run_sweep
-    from test_sweep import write_spec  # the sweep tests' tiny EDM spec
+    from helpers import write_spec  # the sweep tests' tiny EDM spec
 
     path = write_spec(tmp_path, axes={"seed": [3]}, zip=[], generate={"num": 4, "steps": 3, "batch": 4},
                       report="final", overrides={"data.size": 16, "train.epochs": 4, "train.warmup_epochs": 1,
@@ -327,7 +303,7 @@ def test_a_report_best_point_gets_the_fid_of_its_best_snapshots_images(weights, 
 
     from sdmem.fid import compute_fid
     from sdmem.study.sweep import load_spec, run_sweep
-    from test_sweep import write_spec
+    from helpers import write_spec
 
     path = write_spec(tmp_path, axes={"seed": [3]}, zip=[], generate={"num": 4}, report="best",
                       overrides={"data.size": 16, "train.epochs": 8, "train.warmup_epochs": 1,

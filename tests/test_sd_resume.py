@@ -30,12 +30,7 @@ def assets(tmp_path_factory):
                                                                                   num_classes=4)}
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_config(tmp: Path, name: str, assets: dict, *, steps: int = 16, method: str = "lora", **train) -> Path:

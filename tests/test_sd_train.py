@@ -46,12 +46,8 @@ def _env():
     return dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _threads():  # module-wide: the module-scoped runs and images are made with the same thread count
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny nets on a shared 2-core machine: more threads only add contention
-    yield
-    torch.set_num_threads(n)
+# Module-wide: the module-scoped runs and images are made with the same thread count (one).
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 @pytest.fixture(scope="module")

@@ -10,25 +10,8 @@ import pytest
 import yaml
 
 from sdmem.errors import InputError
+from helpers import write_spec
 from sdmem.study.sweep import Claim, load_spec, parse_shard, points, run_sweep, select
-
-BASE = {"kind": "edm", "seed": 3,
-        "data": {"source": "builtin:digits", "size": 32, "num_classes": 2, "labels": "none"},
-        "model": {"arch": "ddpmpp", "precond": "edm", "channels": 8, "channel_mult": [1, 2], "num_blocks": 1,
-                  "attn_resolutions": [], "dropout": 0.1},
-        "train": {"epochs": 8, "batch_size": 16, "warmup_epochs": 2, "ema_rate": 0.9, "snapshot_epochs": 4,
-                  "checkpoint_epochs": 2, "log_every_steps": 2},
-        "track": {"batch": 16, "steps": 3}}
-
-
-def write_spec(tmp_path, name="spec.yaml", **over):
-    spec = {"out_dir": str(tmp_path / "sweep"), "base": BASE, "axes": {"data.size": [16, 32]},
-            "zip": [{"data.labels": ["none", "true"], "model.channels": [8, 16]}], "generate": {"num": 8},
-            "report": "best", **over}
-    path = tmp_path / name
-    path.write_text(yaml.safe_dump(spec, sort_keys=False))
-    return path
-
 
 def test_points_are_the_product_of_axes_and_zipped_groups(tmp_path):
     pts = points(load_spec(write_spec(tmp_path)))
