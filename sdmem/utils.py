@@ -5,12 +5,29 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
 from .errors import InputError
+
+
+NAME_RULE = "letters, digits and . _ + - only, not starting with a dot, at most 200 characters"
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9_+-][A-Za-z0-9._+-]{0,199}$")
+
+
+def safe_name(name: str) -> bool:
+    """True for a single folder name that stays inside its parent: no separators, not ``.``/``..``, no dotfile
+    (a sweep point's folder name)."""
+    return bool(_SAFE_NAME.match(name))
+
+
+def one_component(name: str) -> bool:
+    """True for a name that is one path component inside its folder (no separator, not ``.`` or ``..``, not
+    empty): what a table's ``point`` cell may name (looser than :func:`safe_name`: tables made elsewhere)."""
+    return bool(name) and name not in (".", "..") and not any(c in name for c in ("/", "\\", "\0"))
 
 
 def resolve_device(device: str = "auto") -> str:

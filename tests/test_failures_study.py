@@ -186,7 +186,8 @@ ROW_DAMAGE = {"ratio 7.5": ("memorization_ratio", "7.5", ["memorization_ratio", 
               "low above high": ("memorization_ratio_high", "0.5", ["memorization_ratio_low, memorization_ratio_high",
                                                                     "low end is above"]),
               "negative knn": ("knn_distance", "-1.5", ["knn_distance", "-1.5"]),
-              "size not an integer": ("size", "200.5", ["size", "integer"])}
+              "size not an integer": ("size", "200.5", ["size", "integer"]),
+              "point out of the sweep": ("point", "../../elsewhere", ["point", "folder name", "../../elsewhere"])}
 
 
 @pytest.mark.parametrize("damage", list(ROW_DAMAGE))

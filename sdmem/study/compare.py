@@ -25,7 +25,7 @@ import numpy as np
 from .. import kinds
 from ..errors import InputError
 from ..records import AUDIT_SUMMARY, POINT, RESULT_ROW, SUBSET_INFO, TRACKED, check, ci_interval, read_record
-from ..utils import atomic_write, atomic_write_text, staged_folder
+from ..utils import atomic_write, atomic_write_text, one_component, staged_folder
 from .emm import finite_number as _num
 
 METRICS = ("memorization_ratio", "memorization_ratio_low", "memorization_ratio_high", "knn_distance")
@@ -85,6 +85,10 @@ def load_sweep(folder) -> list[Result]:
     rows, path = load_results(folder)
     base = path.parent
     axes = [c for c in rows[0] if c not in _NOT_AXES]
+    for n, r in enumerate(rows, 1):  # a point is a folder inside the sweep, never a path out of it
+        if r.get("point") and not one_component(str(r["point"])):
+            raise InputError(f"{path} row {n}", "point: expected a point folder name (one path component inside "
+                                                f"the sweep folder), got {str(r['point'])[:80]!r}")
     records = [_point_config(base / r["point"]) if r.get("point") else None for r in rows]
     found = {rec.get("kind") for rec in records if rec}
     kind = found.pop() if len(found) == 1 else None  # no point records: no kind, the generic layout

@@ -30,7 +30,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..records import RESULT_ROW, check
-from ..utils import atomic_write, atomic_write_text, staged_folder
+from ..utils import atomic_write, atomic_write_text, one_component, staged_folder
 
 OUT_COLUMNS = ["emm", "emm_low", "emm_high", "status", "monotone", "note", "interpolation"]
 INTERPOLATIONS = ("log", "linear")  # the crossing: linear in log |D| (default, as read off the paper's plots), in |D|
@@ -64,8 +64,17 @@ def load_results(src) -> tuple[list[dict], Path]:
 def checked_rows(rows, path) -> list[dict]:
     """Each row of the results table at ``path`` checked as a results row (RESULT_ROW: ratios and their interval in
     [0, 1] with low <= high, distances >= 0, a positive integer size; blank cells are null): the parsed rows. A row
-    that does not fit is an InputError naming ``PATH row N`` (N counts the data rows from 1) and the column."""
-    return [check(RESULT_ROW, r, f"{path} row {n}", text=True) for n, r in enumerate(rows, 1)]
+    that does not fit is an InputError naming ``PATH row N`` (N counts the data rows from 1) and the column; so is a
+    ``point`` that is not one folder name inside the sweep (its flags are read from there)."""
+    return [_point_inside(check(RESULT_ROW, r, f"{path} row {n}", text=True), f"{path} row {n}")
+            for n, r in enumerate(rows, 1)]
+
+
+def _point_inside(row: dict, where: str) -> dict:
+    if row.get("point") and not one_component(str(row["point"])):  # a folder inside the sweep, never a path
+        raise InputError(where, "point: expected a point folder name (one path component inside the sweep "
+                                f"folder), got {str(row['point'])[:80]!r}")
+    return row
 
 
 def default_by(rows) -> list[str]:
@@ -123,6 +132,7 @@ def _points(group, base) -> tuple[list[dict], int]:
             raise InputError(where, "size: expected a positive integer for a row with a memorization_ratio, got a "
                                     "blank cell")
         size, low, high = c["size"], c.get("memorization_ratio_low"), c.get("memorization_ratio_high")
+        _point_inside(r, where)
         flags = Path(base, str(r["point"]), "audit", "per_sample.csv") if base is not None and r.get("point") else None
         by_size.setdefault(int(size), []).append((ratio, low, high, flags if flags and flags.is_file() else None))
     pts = []

@@ -41,7 +41,7 @@ from .. import kinds
 from ..errors import InputError
 from ..records import CLAIM, POINT, RESULT, SWEEP, check, read_record
 from ..runs import KINDS, config_from_mapping
-from ..utils import atomic_write_text, staged_folder
+from ..utils import NAME_RULE, atomic_write_text, safe_name, staged_folder
 
 SPEC_KEYS = ("out_dir", "base", "overrides", "axes", "zip", "generate", "report", "kind")
 GENERATE_KEYS = {"num": int, "batch": int, "steps": int, "seed": int}
@@ -162,15 +162,6 @@ def _no_repeats(path: Path, where: str, entries: list[list], keys: list[str]) ->
             raise _err(path, where, f"{shown} is listed twice (entries {seen[text] + 1} and {i + 1}): "
                                     "each point must be distinct")
         seen[text] = i
-
-
-NAME_RULE = "letters, digits and . _ + - only, not starting with a dot, at most 200 characters"
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9_+-][A-Za-z0-9._+-]{0,199}$")
-
-
-def safe_name(name: str) -> bool:
-    """True for a single folder name that stays inside its parent: no separators, not ``.``/``..``, no dotfile."""
-    return bool(_SAFE_NAME.match(name))
 
 
 @dataclass
