@@ -56,6 +56,13 @@ def test_a_foreign_out_dir_is_refused_and_left_as_it_is(cli, tmp_path):
     assert tree(out) == before
 
 
+def test_another_workers_record_in_flight_is_not_foreign(tmp_path):
+    spec = load_spec(write_spec(tmp_path))
+    spec.out_dir.mkdir()
+    (spec.out_dir / f".sweep.json.tmp-{2**22 + 7}").write_text("{")  # a worker between writing and linking it
+    assert open_sweep_folder(spec, points(spec)) == [] and (spec.out_dir / "sweep.json").is_file()
+
+
 def test_a_point_folder_the_user_made_is_refused(cli, tmp_path):
     path, spec = started(tmp_path)
     folder = points(spec)[0].dir

@@ -453,8 +453,11 @@ def sweep_record(spec: Spec, pts: list[Point]) -> dict:
 
 def _legacy_entry(entry: Path, names: set[str]) -> bool:
     """True for what an earlier sdmem (no sweep.json yet) wrote: its files, its staging, this spec's points."""
-    if entry.name in SWEEP_FILES or entry.name.startswith(".staging-") or entry.name.startswith(".results"):
+    name = entry.name
+    if name in SWEEP_FILES or name.startswith(".staging-"):
         return True
+    if name.startswith(".") and ".tmp-" in name and name[1:name.index(".tmp-")] in SWEEP_FILES:
+        return True  # an atomic write in flight (another worker creating sweep.json, collecting results.csv)
     return entry.is_dir() and not entry.is_symlink() and entry.name in names
 
 
