@@ -62,8 +62,8 @@ def run_demo(out: str | os.PathLike = "demo_out", *, quick: bool = False, seed: 
     ``settings`` ({"sizes", "steps", "num"}) replaces the full or quick setting (tests use a tiny one)."""
     out = Path(out)
     dev = resolve_device(device)
-    spec = demo_spec(out, quick=quick, seed=seed, settings=settings)
     s = settings or SETTINGS["quick" if quick else "full"]
+    spec = demo_spec(out, seed=seed, settings=s)
     open_demo_folder(out, {"quick": quick, "seed": seed, "sizes": list(s["sizes"]), "steps": s["steps"],
                            "num": s["num"]})
     say = print if progress else (lambda *_: None)

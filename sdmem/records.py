@@ -100,16 +100,6 @@ class Str(Field):
         return None
 
 
-class Bool(Field):
-    kind = "true or false"
-
-    def parse_text(self, text: str):
-        return {"true": True, "false": False, "1": True, "0": False}.get(text.strip().lower(), text)
-
-    def problem(self, value) -> str | None:
-        return None if isinstance(value, bool) else ""
-
-
 class Interval(Field):
     """``[low, high]``: two finite numbers in [lo, hi] with low <= high."""
 
@@ -137,25 +127,6 @@ class Obj(Field):
         self.schema = schema
 
     kind = "a JSON object"
-
-
-class Items(Field):
-    """A JSON list (of ``item`` when given)."""
-
-    def __init__(self, item: Field | None = None, **kw):
-        super().__init__(**kw)
-        self.item = item
-
-    @property
-    def kind(self) -> str:
-        return "a list" + (f" of {self.item.kind}" if self.item else "")
-
-    def problem(self, value) -> str | None:
-        if not isinstance(value, list):
-            return ""
-        if self.item and any(self.item.problem(v) is not None for v in value):
-            return ""
-        return None
 
 
 @dataclass(frozen=True)

@@ -41,8 +41,7 @@ class EDMKind(Kind):
             raise InputError("--guidance", "only SD runs take a guidance scale")
         if compile:
             raise InputError("--compile", "only SD pipelines and runs are compiled")
-        return generate_run(run_dir, out_dir, seeds=seeds, progress=progress,
-                            **{k: v for k, v in options.items() if v is not None})
+        return generate_run(run_dir, out_dir, seeds=seeds, progress=progress, **options)
 
     def sweep_settings(self, report: str, generate: dict) -> dict:
         # report: best judges the best snapshot on the same number of images as report: final does.

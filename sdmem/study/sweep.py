@@ -177,6 +177,10 @@ class Point:
     def run_dir(self) -> Path:
         return self.dir / "run"
 
+    def trained_config(self) -> dict:
+        """The point's config as a dict, less ``out_dir`` (its folder): what two points or two records compare."""
+        return {k: v for k, v in config_to_dict(self.config).items() if k != "out_dir"}
+
 
 def _slug(value) -> str:
     text = json.dumps(value) if not isinstance(value, str) else value
@@ -237,7 +241,7 @@ def points(spec: Spec) -> list[Point]:
         out[name] = Point(name, values, point_config(spec, values, folder / "run"), folder)
     by_config: dict[str, Point] = {}
     for p in out.values():  # e.g. an axis value null (the base's) beside the base's own value
-        text = json.dumps({k: v for k, v in config_to_dict(p.config).items() if k != "out_dir"}, sort_keys=True)
+        text = json.dumps(p.trained_config(), sort_keys=True)
         if text in by_config:
             q = by_config[text]
             raise _err(spec.path, ", ".join(k for k in p.values if p.values[k] != q.values.get(k)) or "axes",
@@ -447,7 +451,7 @@ SWEEP_FILES = {"sweep.json", "results.csv", "results.md", "emm.csv", "emm.png", 
 def sweep_record(spec: Spec, pts: list[Point]) -> dict:
     return {"format": SWEEP_FORMAT, "spec": str(spec.path), "generate": spec.generate, "report": spec.report,
             "points": {p.name: {"values": p.values, "kind": p.config.kind, "fingerprint": fingerprint(p.config),
-                                "config": {k: v for k, v in config_to_dict(p.config).items() if k != "out_dir"}}
+                                "config": p.trained_config()}
                        for p in pts}}
 
 
@@ -458,7 +462,7 @@ def _legacy_entry(entry: Path, names: set[str]) -> bool:
         return True
     if name.startswith(".") and ".tmp-" in name and name[1:name.index(".tmp-")] in SWEEP_FILES:
         return True  # an atomic write in flight (another worker creating sweep.json, collecting results.csv)
-    return entry.is_dir() and not entry.is_symlink() and entry.name in names
+    return entry.is_dir() and not entry.is_symlink() and name in names
 
 
 def open_sweep_folder(spec: Spec, pts: list[Point]) -> list[str]:
