@@ -3,30 +3,26 @@
 import csv
 import json
 import os
-import socket
 import subprocess
 import sys
-import threading
-from pathlib import Path
 
 import numpy as np
 import pytest
 
+from helpers import ROOT, free_port, run_sharded, tricky_set
 from sdmem.audit import audit, knn
 from sdmem.audit import dedup as dedup_module
 from sdmem.audit.engines import int8 as int8_engine
 from sdmem.audit.knn import search_top2
-from sdmem.audit.shard import SOLO, Comm, merge_top2, shard_range
+from sdmem.audit.shard import SOLO, merge_top2, shard_range
 from sdmem.data.base import ArraySource
 from sdmem.errors import InputError, SdmemError
 
-ROOT = Path(__file__).resolve().parents[1]
-
 try:
-    import faiss  # noqa: F401
-    HAVE_FAISS = True
+    import faiss
 except ImportError:
-    HAVE_FAISS = False
+    faiss = None
+HAVE_FAISS = faiss is not None
 
 
 def brute_sq(queries, train):
@@ -109,77 +105,7 @@ def test_shard_range_covers_in_order():
 # ---------------------------------------------------------------------------------------------- in-process shards
 
 
-class ThreadComm(Comm):
-    """The collectives over threads of one process: each thread is one rank."""
-
-    def __init__(self, rank, world, shared):
-        self.rank, self.world, self.shared = rank, world, shared
-
-    def _exchange(self, value):
-        slots, barrier = self.shared["slots"], self.shared["barrier"]
-        slots[self.rank] = value
-        barrier.wait()
-        out = list(slots)
-        barrier.wait()
-        return out
-
-    def all_gather(self, arr):
-        return [np.array(a, copy=True) for a in self._exchange(np.asarray(arr))]
-
-    def check(self, err):
-        msgs = self._exchange(None if err is None else str(err))
-        if err is not None:
-            raise err
-        for r, m in enumerate(msgs):
-            if m is not None:
-                raise SdmemError(f"process {r} of {self.world} failed: {m}")
-
-    def barrier(self):
-        self._exchange(None)
-
-    def all_gather_object(self, obj):
-        return self._exchange(obj)
-
-
-def run_sharded(world, fn):
-    """fn(comm) on `world` threads; returns the per-rank results (or raised exceptions)."""
-    shared = {"slots": [None] * world, "barrier": threading.Barrier(world, timeout=60)}
-    out = [None] * world
-
-    def work(r):
-        try:
-            out[r] = fn(ThreadComm(r, world, shared))
-        except BaseException as exc:  # noqa: BLE001
-            out[r] = exc
-    threads = [threading.Thread(target=work, args=(r,)) for r in range(world)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return out
-
-
-def tricky_set(n=60, side=3, seed=0):
-    """Training images with duplicates across and inside shards and equidistant ties, and queries on them."""
-    rng = np.random.default_rng(seed)
-    d = side * side * 3
-    train = rng.integers(0, 256, (n, d), dtype=np.uint8)
-    train[n // 2] = train[n // 2 - 1]  # straddles the 2-shard boundary
-    train[n - 5] = train[3]
-    train[n - 2] = train[n - 9] = train[8]  # three copies in three shards
-    train[n - 12] = train[n - 11]  # inside the last shard
-    q = rng.integers(20, 230, (4, d), dtype=np.uint8)
-    for i, p in ((5, 0), (n - 7, 1)):  # query 0: two at distance 1, far apart
-        train[i] = q[0]
-        train[i, p] += 1
-    train[n - 3] = q[1]  # query 1: nearest in the last shard, two ties for second
-    for i, p in ((12, 0), (n - 15, 1)):
-        train[i] = q[1]
-        train[i, p] -= 2
-    queries = np.concatenate([train[[n - 5, n // 2, n - 2, 8, n - 12]], q,
-                              rng.integers(0, 256, (6, d), dtype=np.uint8)])
-    return queries.reshape(-1, side, side, 3), train.reshape(n, side, side, 3)
-
+# run_sharded (each rank a thread) and tricky_set: helpers.py
 
 BACKENDS = ["int8", "torch"] + (["faiss"] if HAVE_FAISS else [])
 
@@ -334,12 +260,6 @@ def test_solo_comm_is_the_default():
 
 
 # ---------------------------------------------------------------------------------------------- 2 processes
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ SongUNet signature as its defaults, which the stand-in's own signature is checke
 
 import json
 import collections
-import hashlib
 import inspect
 import io
 import math
@@ -20,135 +19,27 @@ import pickle
 import re
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from helpers import raises
+from helpers import (STANDIN_LABEL, STANDIN_SRC, edm_cases, edm_names, raises, text_sha256, tiny_denoiser,
+                     write_pickle)
 from sdmem.edm import pickles
-from sdmem.edm.networks import Conv2d, FourierEmbedding, GroupNorm, Linear, PositionalEmbedding, SongUNet, UNetBlock
+from sdmem.edm.networks import SongUNet
 from sdmem.edm.pickles import load_edm_pickle, read_edm_pickle, recognise_source
 from sdmem.edm.precond import EDMPrecond, VEPrecond, VPPrecond
 from sdmem.errors import InputError
 from sdmem.safe_pickle import PersistentRecord, read_pickle
 
-# Our own stand-in for a network module's source: SongUNet's signature (EDM's defaults), nothing that runs.
-STANDIN_SRC = '''"""Stand-in network module (sdmem tests): SongUNet's constructor signature only."""
-
-
-class SongUNet:
-    def __init__(self, img_resolution, in_channels, out_channels, label_dim=0, augment_dim=0,
-                 model_channels=128, channel_mult=[1, 2, 2, 2], channel_mult_emb=4, num_blocks=4,
-                 attn_resolutions=[16], dropout=0.10, label_dropout=0, embedding_type='positional',
-                 channel_mult_noise=1, encoder_type='standard', decoder_type='standard', resample_filter=[1, 1]):
-        pass
-'''
-STANDIN_LABEL = "test stand-in for networks.py"
-
-EDM_NAMES = {VPPrecond: "VPPrecond", VEPrecond: "VEPrecond", EDMPrecond: "EDMPrecond", SongUNet: "SongUNet",
-             UNetBlock: "UNetBlock", Linear: "Linear", Conv2d: "Conv2d", GroupNorm: "GroupNorm",
-             PositionalEmbedding: "PositionalEmbedding", FourierEmbedding: "FourierEmbedding"}
-
-DDPMPP = dict(embedding_type="positional", encoder_type="standard", decoder_type="standard", channel_mult_noise=1,
-              resample_filter=[1, 1])
-NCSNPP = dict(embedding_type="fourier", encoder_type="residual", decoder_type="standard", channel_mult_noise=2,
-              resample_filter=[1, 3, 3, 1])
-TINY = dict(model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[], dropout=0.0)
-# (preconditioning, label_dim, network options as EDM's train.py passes them)
-CASES = {
-    "edm-ddpmpp-uncond": (EDMPrecond, 0, dict(DDPMPP, **TINY)),
-    "vp-ddpmpp-cond-augment": (VPPrecond, 3, dict(DDPMPP, **dict(TINY, attn_resolutions=[8]), augment_dim=9)),
-    "ve-ncsnpp-uncond": (VEPrecond, 0, dict(NCSNPP, **TINY)),
-}
+# The stand-in network source, the tiny networks and the pickle writer: helpers.py; the standin and persistence
+# fixtures: conftest.py.
+CASES, EDM_NAMES = edm_cases(), edm_names()
 
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")
-
-
-def _sha(src: str) -> str:
-    return hashlib.sha256(src.encode()).hexdigest()
-
-
-@pytest.fixture
-def standin(monkeypatch):
-    """The stand-in source counts as a published version (for this test only), with the Oct 2022 version's
-    SongUNet signature as its defaults (which its own signature equals: test_standin_signature_is_the_published_one)."""
-    monkeypatch.setitem(pickles.KNOWN_SOURCES, _sha(STANDIN_SRC), STANDIN_LABEL)
-    monkeypatch.setitem(pickles.SONGUNET_SIGNATURES, STANDIN_LABEL, pickles.SONGUNET_SIGNATURES[pickles._V_2022_10])
-
-
-@pytest.fixture
-def persistence(monkeypatch):
-    """A fake ``torch_utils.persistence`` module, present while pickles are written, so that pickle spells the
-    reconstructor as EDM's pickles do. Its function must never be called by the loader."""
-    calls = []
-
-    def _reconstruct_persistent_obj(meta):  # pragma: no cover - reaching it is the failure
-        calls.append(meta)
-        raise AssertionError("the real reconstructor was called")
-
-    pkg, mod = types.ModuleType("torch_utils"), types.ModuleType("torch_utils.persistence")
-    _reconstruct_persistent_obj.__module__ = mod.__name__
-    _reconstruct_persistent_obj.__qualname__ = "_reconstruct_persistent_obj"
-    mod._reconstruct_persistent_obj = _reconstruct_persistent_obj
-    pkg.persistence = mod
-    monkeypatch.setitem(sys.modules, "torch_utils", pkg)
-    monkeypatch.setitem(sys.modules, "torch_utils.persistence", mod)
-    yield _reconstruct_persistent_obj
-    assert not calls
-
-
-class EDMStylePickler(pickle.Pickler):
-    """Pickles sdmem modules as EDM's persistent classes: (reconstructor, (meta,)) with the object's state."""
-
-    def __init__(self, file, reconstruct, src, init_kwargs, rename=None, edit=None, protocol=4):
-        super().__init__(file, protocol=protocol)
-        self.reconstruct, self.src, self.init_kwargs = reconstruct, src, init_kwargs
-        self.rename, self.edit = rename or {}, edit
-
-    def reducer_override(self, obj):
-        if type(obj) not in EDM_NAMES:
-            return NotImplemented
-        state = dict(obj.__dict__)
-        if isinstance(obj, SongUNet):  # EDM's SongUNet keeps only label_dropout besides its modules
-            state = {k: v for k, v in state.items() if k.startswith("_") or k in ("training", "label_dropout")}
-            state["_modules"] = collections.OrderedDict(
-                (k, v) for k, v in obj._modules.items() if k != "skip_gates")
-        if isinstance(obj, UNetBlock):  # EDM stores np.sqrt(0.5): a numpy scalar in the pickle
-            state["skip_scale"] = np.float64(state["skip_scale"])
-        name = self.rename.get(type(obj), EDM_NAMES[type(obj)])
-        state["_init_args"], state["_init_kwargs"] = (), self.init_kwargs.get(name, {})
-        if self.edit:
-            self.edit(name, state)
-        meta = dict(type="class", version=6, module_src=self.src, class_name=name, state=state)
-        return self.reconstruct, (meta,), None
-
-
-def tiny_denoiser(case: str, seed: int = 0):
-    """(sdmem denoiser with random weights, EDM-style init_kwargs of its precond and of its SongUNet)."""
-    precond, label_dim, options = CASES[case]
-    torch.manual_seed(seed)
-    net = precond(8, 3, label_dim, model=SongUNet(8, 3, 3, label_dim, **options))
-    with torch.no_grad():  # weights far from init, so that every tensor shows in D(x; σ)
-        for p in net.parameters():
-            p.copy_(torch.randn_like(p) * 0.3)
-    kwargs = {
-        EDM_NAMES[precond]: dict(img_resolution=8, img_channels=3, label_dim=label_dim, use_fp16=False,
-                                 model_type="SongUNet", **options),
-        "SongUNet": dict(img_resolution=8, in_channels=3, out_channels=3, label_dim=label_dim, **options),
-    }
-    return net.eval(), kwargs
-
-
-def write_pickle(path, net, reconstruct, kwargs, src=STANDIN_SRC, extra=None, **pickler_kw):
-    data = dict(ema=net, loss_fn=None, augment_pipe=None, dataset_kwargs=dict(path="cifar10.zip", xflip=False))
-    data.update(extra or {})
-    with open(path, "wb") as f:
-        EDMStylePickler(f, reconstruct, src, kwargs, **pickler_kw).dump(data)
-    return path
 
 
 def denoise(net, label_dim):
@@ -179,7 +70,7 @@ def test_round_trip_gives_the_same_denoiser(tmp_path, standin, persistence, case
     assert info["arch"] == ("ncsnpp" if "ncsnpp" in case else "ddpmpp")
     assert (info["img_resolution"], info["img_channels"], info["label_dim"]) == (8, 3, label_dim)
     assert info["source_version"] == STANDIN_LABEL and info["source_match"] == "text"
-    assert info["source_sha256"] == _sha(STANDIN_SRC)
+    assert info["source_sha256"] == text_sha256(STANDIN_SRC)
     assert info["network_kwargs"]["num_blocks"] == 1 and info["network_kwargs"]["channel_mult_emb"] == 4
     assert info["pickle_keys"] == ["augment_pipe", "dataset_kwargs", "ema", "loss_fn"]
     assert math.isclose(info["sigma_max"], float(net.sigma_max))
@@ -221,9 +112,9 @@ def test_an_edited_source_is_refused_only_line_endings_may_differ(tmp_path, stan
     """Recognition is by SHA-256 of the text alone: a comment, a space or a changed default makes it unknown."""
     net, kwargs = tiny_denoiser("edm-ddpmpp-uncond")
     crlf = STANDIN_SRC.replace("\n", "\r\n")  # the hash is of the text with LF line endings
-    assert recognise_source(crlf) == (STANDIN_LABEL, "text", _sha(STANDIN_SRC))
+    assert recognise_source(crlf) == (STANDIN_LABEL, "text", text_sha256(STANDIN_SRC))
     _, info = load_edm_pickle(write_pickle(tmp_path / "crlf.pkl", net, persistence, kwargs, src=crlf))
-    assert info["source_version"] == STANDIN_LABEL and info["source_sha256"] == _sha(STANDIN_SRC)
+    assert info["source_version"] == STANDIN_LABEL and info["source_sha256"] == text_sha256(STANDIN_SRC)
     edits = {"comment": STANDIN_SRC.replace('"""\n', '"""\n# a comment NVlabs might have had\n', 1),
              "space": STANDIN_SRC.replace("pass\n", "pass \n"),
              "indent": STANDIN_SRC.replace("\n                 model_channels", "\n        model_channels"),
@@ -315,7 +206,7 @@ def test_embedded_source_is_never_run(tmp_path, persistence, monkeypatch):
     raises(lambda: load_edm_pickle(path), str(path), "not one of NVlabs' published versions", "refusing")
     assert not marker.exists()
     # Even a source that were registered as known is only ever read, never run.
-    monkeypatch.setitem(pickles.KNOWN_SOURCES, _sha(evil), "wrongly trusted")
+    monkeypatch.setitem(pickles.KNOWN_SOURCES, text_sha256(evil), "wrongly trusted")
     raises(lambda: load_edm_pickle(path), str(path), "knows no SongUNet defaults", "wrongly trusted")
     assert not marker.exists()
 

@@ -12,12 +12,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from safetensors.torch import load_file, save_file  # noqa: E402
 
+from helpers import lora_layers, raises, tiny_denoiser, write_pickle  # noqa: E402
 from sdmem.sd.tiny import make_tiny_sd  # noqa: E402
-import test_edm_pickle  # noqa: E402
-from test_edm_pickle import tiny_denoiser, write_pickle  # noqa: E402
 
-# The EDM-style pickle fixtures: a fake torch_utils.persistence, and the stand-in network source counted as known.
-persistence, standin = test_edm_pickle.persistence, test_edm_pickle.standin
+# The EDM-style pickle fixtures (persistence: a fake torch_utils.persistence; standin: the stand-in network source
+# counted as known) are in conftest.py.
 
 # A component's weights file, and the pickled file its loader falls back to without it.
 WEIGHTS = {"unet": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"),
@@ -60,7 +59,6 @@ def poison(tensors: dict, value: float) -> str:
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_non_finite_lora_file(cli, tiny, tmp_path, one_thread, value):
     from diffusers import StableDiffusionPipeline
-    from test_sd_foreign import lora_layers
 
     StableDiffusionPipeline.save_lora_weights(save_directory=str(tmp_path / "lora"),
                                               unet_lora_layers=lora_layers(tiny, seed=1), safe_serialization=True)
@@ -89,8 +87,6 @@ def test_non_finite_pipeline_component(cli, tiny, tmp_path, one_thread, componen
 def test_weights_that_overflow_float16_are_refused(tiny, tmp_path, one_thread):
     """On CUDA the pipeline runs in fp16: a finite fp32 weight beyond 65504 becomes inf in the cast (the check
     load_pipeline makes after it, run here on a CPU cast)."""
-    from helpers import raises
-
     from sdmem.sd.foreign import check_finite, load_pipeline
 
     model = shutil.copytree(tiny, tmp_path / "model")

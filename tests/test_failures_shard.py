@@ -10,11 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import CliResult
+from helpers import ROOT, CliResult, free_port, run_sharded, tricky_set
 from sdmem.audit import api
 from sdmem.audit.report import write_outputs
 from sdmem.errors import InputError
-from test_audit_shard import ROOT, free_port, run_sharded, tricky_set
 
 # Rank 0 runs out of disk space while it writes the report (summary.json); the other rank never writes.
 DISK_FULL = """

@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from helpers import raises
+from helpers import LORA_RANK, lora_layers, raises
 from PIL import Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -21,8 +21,6 @@ from sdmem.sd.tiny import make_imagenette_like, make_tiny_sd  # noqa: E402
 SEEDS = list(range(6))
 PROMPT = "a red fox"
 FAST = dict(steps=4, device="cpu")  # the tiny model's default size: sample_size 8 x VAE factor 8 = 64
-RANK = 4
-TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 
 
 def sha256(path) -> str:
@@ -33,25 +31,6 @@ def images(folder, seeds=SEEDS) -> np.ndarray:
     return np.stack([np.array(Image.open(folder / f"{s:06d}.png")) for s in seeds])
 
 
-def lora_layers(model, seed: int) -> dict:
-    """A rank-4 peft LoRA on the tiny UNet's attention projections, perturbed, with diffusers' key names: what
-    diffusers' train_text_to_image_lora.py hands to save_lora_weights."""
-    from diffusers import UNet2DConditionModel
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft.utils import get_peft_model_state_dict
-
-    from sdmem.sd.lora import add_lora
-
-    unet = UNet2DConditionModel.from_pretrained(str(model), subfolder="unet")
-    add_lora(unet, rank=RANK, alpha=RANK, target_modules=TARGETS)  # lora_alpha = rank, as in the example script
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in unet.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
-    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-
-
 def to_kohya(layers: dict) -> dict:
     """The same weights with kohya-ss names: lora_unet_<module path, dots as underscores>.lora_down/up.weight and
     .alpha (= rank, so the scale alpha/rank is 1 as in the diffusers file)."""
@@ -60,7 +39,7 @@ def to_kohya(layers: dict) -> dict:
         module, kind = key.removeprefix("unet.").rsplit(".lora.", 1)
         base = "lora_unet_" + module.replace(".", "_")
         out[base + (".lora_down.weight" if kind.startswith("down") else ".lora_up.weight")] = value.clone()
-        out[base + ".alpha"] = torch.tensor(float(RANK))
+        out[base + ".alpha"] = torch.tensor(float(LORA_RANK))
     return out
 
 
