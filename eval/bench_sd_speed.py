@@ -121,7 +121,6 @@ def sdmem_trainer(cfg_dict: dict, args, device):
     per step: checkpointing and the cache's share, run folder)``."""
     from sdmem.config import config_from_dict
     from sdmem.sd.config import SDConfig
-    from sdmem.sd.run import save_checkpoint
     from sdmem.sd.train import SDTrainer
 
     import sdmem.sd.cache as cache
@@ -136,6 +135,8 @@ def sdmem_trainer(cfg_dict: dict, args, device):
     cache.LatentCache.__init__ = timed_build
     try:
         tr = SDTrainer(cfg, progress=False)
+        tr.open()
+        tr._t_last = time.perf_counter()
     finally:
         cache.LatentCache.__init__ = build
     cache_s = clock.s.pop("cache build", 0.0)
@@ -149,20 +150,25 @@ def sdmem_trainer(cfg_dict: dict, args, device):
             clock.s.clear()
             with clock.stage("total"):
                 with clock.stage("loss step"):
-                    tr.loss_step()
-                with clock.stage("EMA"):
-                    tr.ema_step()
+                    loss = tr.backward()
+                    tr.stop_if_nonfinite(loss)
+                with clock.stage("EMA"):  # the optimizer step, the LR schedule and the EMA update
+                    columns = tr.update()
+                tr.step += 1
+                tr.loss = loss
                 with clock.stage("log/validation"):
-                    tr.log_step(None)
-                    tr.validation_step()
+                    tr.log_step(columns)
+                    if tr.snapshot_due(tr.step):
+                        tr.snapshot()
             step = dict(clock.s)
-            step["UNet backward"] = step.pop("loss step") - step["data"] - step["UNet forward"] - step["optimizer"]
+            step["UNet backward"] = step.pop("loss step") - step["data"] - step["UNet forward"]
+            step["EMA"] -= step["optimizer"]
             steps.append(step)
         return steps
 
     def finish() -> tuple[dict, Path]:
         t = time.perf_counter()
-        save_checkpoint(cfg, tr.paths, tr.step, tr.named, tr.ema, tr.optimizer, tr.lr_scheduler, tr.acc.scaler)
+        tr.save_checkpoint()
         extra = {"checkpointing": (time.perf_counter() - t) / args.checkpoint_every}
         # The cache: |D| images through the VAE encoder and text encoder once; a paper run sees 1000x |D| images.
         extra["VAE/text encode"] = cache_s / len(tr.subset) * args.batch / 1000

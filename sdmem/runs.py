@@ -3,8 +3,9 @@ folder holds, the config it was trained with, the reuse check, the training subs
 a resume trims back to its checkpoint.
 
 A run folder holds ``config.json`` (the resolved config), ``subset.npz`` + ``subset.json`` (the exact training
-set D), ``log.jsonl`` and ``tensorboard/``; then what each trainer keeps: EMA ``snapshots/`` and one
-``checkpoint.safetensors`` (EDM), or ``checkpoints/step-N/`` and the final weights (SD).
+set D), ``log.jsonl``, ``tensorboard/`` and ``checkpoints/step-N.safetensors`` (the resumable state, one format for every
+kind: sdmem.checkpoint); then what each kind keeps: EMA ``snapshots/`` and tracking (EDM), or validation images and
+the final weights (SD).
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ from .utils import atomic_write_text
 
 KINDS: dict[str, type] = CONFIGS  # kind name -> config class (sdmem.kinds registers them)
 _SNAPSHOT_RE = re.compile(r"^ema-(\d{7})\.safetensors$")
-_CKPT_RE = re.compile(r"^step-(\d{7})$")
 
 
 def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()):
@@ -48,13 +48,13 @@ class RunPaths:
         self.subset_info = self.root / "subset.json"
         self.log = self.root / "log.jsonl"
         self.tensorboard = self.root / "tensorboard"
-        # EDM: EMA snapshots for inference, one full resumable state, memorization tracking.
+        # Every kind: resumable checkpoints (sdmem.checkpoint: step-N.safetensors, the newest kept).
+        self.checkpoints = self.root / "checkpoints"
+        # EDM: EMA snapshots for inference, memorization tracking.
         self.snapshots = self.root / "snapshots"
-        self.checkpoint = self.root / "checkpoint.safetensors"
         self.tracking = self.root / "tracking.jsonl"
         self.best = self.root / "best.json"
-        # SD: rotated checkpoint folders, validation images, the final weights (final.json written last).
-        self.checkpoints = self.root / "checkpoints"
+        # SD: validation images, the final weights (final.json written last).
         self.validation = self.root / "validation"
         self.final = self.root / "final.json"
 
@@ -69,12 +69,16 @@ class RunPaths:
         """The audit report of the images tracked at the snapshot of ``epoch`` (per_sample.csv, replicas.png)."""
         return self.root / "tracking" / f"epoch-{epoch:07d}"
 
-    def checkpoint_dir(self, step: int) -> Path:
-        return self.checkpoints / f"step-{step:07d}"
+    def checkpoint(self, step: int) -> Path:
+        from .checkpoint import file_for
+
+        return file_for(self.checkpoints, step)
 
     def list_checkpoints(self) -> dict[int, Path]:
-        """{step: folder} of the complete checkpoint folders, in step order."""
-        return _numbered(self.checkpoints, _CKPT_RE)
+        """{step: file} of the run's checkpoints in step order (those of earlier sdmem versions included)."""
+        from .checkpoint import listing
+
+        return listing(self.root)
 
 
 def _numbered(folder: Path, pattern: re.Pattern) -> dict[int, Path]:

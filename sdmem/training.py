@@ -8,6 +8,9 @@ one place that knows about processes (``make_accelerator``); torch and accelerat
 
 from __future__ import annotations
 
+import math
+import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -149,3 +152,232 @@ def finish_accelerator(acc) -> None:
 
         AcceleratorState._reset_state(reset_partial_state=True)
         _destroy_at_exit()
+
+
+# The one training skeleton: every kind's trainer is a Trainer; fit() runs it.
+
+class Trainer:
+    """One training run of some kind, driven by :func:`fit`. The skeleton owns the run folder (the reuse check,
+    the subset D, writing config.json once everything checked out), resume from the newest checkpoint (one
+    format, :mod:`sdmem.checkpoint`), the log (trimmed on resume, one row every ``log_every`` steps), the
+    non-finite-loss stop, checkpoint cadence and rotation, the progress bar and the end.
+
+    A kind supplies, as methods: ``build_subset`` (D), ``build`` (model, EMA, optimizer, with ``self.acc``
+    ready), ``weights``/``load_weights`` (what a checkpoint holds besides the optimizer), ``begin`` (after the
+    folder is written: DDP, data on the device), ``backward`` (one step's gradients; the reduced loss),
+    ``update`` (the optimizer and EMA step; extra log columns), ``snapshot`` (its inference weights, tracking or
+    validation, on the main process) and ``finish`` (the summary). Attributes: ``name`` (the tracker's),
+    ``total`` (steps), ``keep_checkpoints`` (None: all), ``nonfinite_allowance`` (non-finite steps skipped in a
+    row before stopping: an fp16 loss scale finding its level).
+    """
+
+    name = "run"
+    keep_checkpoints: int | None = 1
+    nonfinite_allowance = 0
+
+    def __init__(self, cfg, *, progress: bool = True):
+        self.cfg, self.progress = cfg, progress
+        self.total = 0
+        self.step = 0
+        self.loss: float | None = None
+        self.done = False
+
+    # -- what a kind supplies ------------------------------------------------------------------------------------
+    def build_subset(self):
+        raise NotImplementedError
+
+    def mixed_precision(self) -> str:
+        return "no"
+
+    def build(self) -> None:
+        raise NotImplementedError
+
+    def weights(self) -> tuple[dict, dict | None]:
+        """(trained weights, their EMA or None) as name -> tensor: what a checkpoint saves."""
+        raise NotImplementedError
+
+    def load_weights(self, model: dict, ema: dict | None) -> None:
+        raise NotImplementedError
+
+    def extra_state(self) -> dict:
+        """JSON state a checkpoint keeps besides the tensors (an LR schedule, a loss scale)."""
+        return {}
+
+    def load_extra(self, extra: dict) -> None:
+        pass
+
+    def trim_records(self, step: int) -> None:
+        """Drop the kind's own per-step records past the resumed step (main process)."""
+
+    def finished(self) -> bool:
+        """True when a resumed run has nothing left to do (not even its outputs)."""
+        return False
+
+    def begin(self) -> None:
+        pass
+
+    def backward(self) -> float:
+        raise NotImplementedError
+
+    def update(self) -> dict:
+        raise NotImplementedError
+
+    def images_seen(self, step: int) -> int:
+        raise NotImplementedError
+
+    def log_due(self, step: int) -> bool:
+        return step % self.cfg.train.log_every_steps == 0 or step == self.total
+
+    def snapshot_due(self, step: int) -> bool:
+        return False
+
+    def snapshot(self) -> None:
+        pass
+
+    def checkpoint_due(self, step: int) -> bool:
+        raise NotImplementedError
+
+    def postfix(self, row: dict | None) -> dict:
+        return {"loss": f"{self.loss:.4g}"} if self.loss is not None else {}
+
+    def finish(self) -> dict:
+        raise NotImplementedError
+
+    # -- the skeleton --------------------------------------------------------------------------------------------
+    def open(self) -> None:
+        """Check the folder, build the model and resume it; write the run folder once everything checked out."""
+        from .config import flatten_config
+
+        self.paths, self.subset = prepare(self.cfg, self.build_subset)
+        self.acc = make_accelerator(self.paths.root, self.paths.tensorboard, mixed_precision=self.mixed_precision())
+        self.device, self.world, self.rank = self.acc.device, self.acc.num_processes, self.acc.process_index
+        self.per_rank = check_world(self.cfg.train.batch_size, self.world)
+        self.build()
+        self.step = self.resume()
+        # Now that everything checked out, write the run folder (config and the exact subset D), and drop log rows
+        # past the checkpoint: the steps after it are replayed (identically) and logged again.
+        if self.acc.is_main_process:
+            from .runs import JsonlLog, write_run_folder
+
+            write_run_folder(self.cfg, self.paths, self.subset)
+            JsonlLog(self.paths.log).trim(self.step)
+            self.trim_records(self.step)
+            for stale in self.paths.checkpoints.glob(".step-*") if self.paths.checkpoints.is_dir() else ():
+                # a checkpoint write that a kill interrupted (sdmem's temporary names)
+                stale.unlink() if stale.is_file() else shutil.rmtree(stale, ignore_errors=True)
+            self.acc.init_trackers(self.name, config={k: str(v) for k, v in flatten_config(self.cfg).items()})
+        self.acc.wait_for_everyone()
+        self.done = self.finished()
+        if not self.done:
+            self.begin()
+
+    def resume(self) -> int:
+        """Restore the newest checkpoint (any sdmem format); the step it holds, 0 when there is none."""
+        from . import checkpoint
+        from .config import fingerprint
+        from .errors import InputError
+
+        path = checkpoint.newest(self.paths.root)
+        if path is None:
+            return 0
+        ck = checkpoint.read(path)
+        if ck.fingerprint != fingerprint(self.cfg):
+            raise InputError(path, "was written by a run with a different training config; refusing to resume from "
+                                   "it (it was left as it is)")
+        try:
+            self.load_weights(ck.model, ck.ema)
+        except (KeyError, RuntimeError, ValueError, TypeError) as exc:
+            raise InputError(path, f"does not fit this run's model ({str(exc).splitlines()[0]}); left as it is") \
+                from None
+        checkpoint.restore_optimizer(self.optimizer, ck.optimizer, path)
+        try:
+            self.load_extra(ck.extra)
+        except (KeyError, RuntimeError, ValueError, TypeError) as exc:
+            raise InputError(path, f"does not fit this run's schedule ({exc}); left as it is") from None
+        return ck.step
+
+    def save_checkpoint(self) -> None:
+        from . import checkpoint
+        from .config import config_to_dict, fingerprint
+
+        model, ema = self.weights()
+        ck = checkpoint.Checkpoint(self.step, fingerprint(self.cfg), model, ema,
+                                   self.optimizer.state_dict()["state"], self.extra_state())
+        checkpoint.save(self.paths.checkpoint(self.step), ck, kind=self.cfg.kind,
+                        images_seen=self.images_seen(self.step), config=config_to_dict(self.cfg))
+        checkpoint.rotate(self.paths.root, self.keep_checkpoints)
+
+    def stop_if_nonfinite(self, loss: float) -> None:
+        """A non-finite loss skips its step (up to ``nonfinite_allowance`` in a row), then stops training,
+        naming the last good state."""
+        from . import checkpoint
+        from .errors import SdmemError
+
+        if math.isfinite(loss):
+            self._bad = 0
+            return
+        self.optimizer.zero_grad(set_to_none=True)
+        self._bad = getattr(self, "_bad", 0) + 1
+        if self._bad > self.nonfinite_allowance:
+            newest = checkpoint.newest(self.paths.root)
+            last = f"the last good state is {newest}" if newest else "no checkpoint was written yet"
+            raise SdmemError(f"{self.paths.root}: the loss became {loss} at step {self.step}{self.where(self.step)}; "
+                             f"training stopped and {last} (left as it is)")
+
+    def where(self, step: int) -> str:
+        """Words after "at step N" in messages (EDM: the epoch)."""
+        return ""
+
+    def log_step(self, columns: dict) -> dict | None:
+        if not self.log_due(self.step):
+            return None
+        from .runs import JsonlLog
+
+        now = time.perf_counter()
+        row = {"step": self.step, "images_seen": self.images_seen(self.step), "loss": self.loss, **columns,
+               "sec": round(now - self._t_last, 3)}
+        self._t_last = now
+        if self.acc.is_main_process:
+            JsonlLog(self.paths.log).append(row)
+            self.acc.log({"loss": self.loss, "lr": row.get("lr")}, step=self.step)
+        return row
+
+
+def prepare(cfg, build_subset):
+    """(RunPaths, subset D) of a run: the folder checked for reuse, D reloaded from it or built; nothing written."""
+    from .runs import RunPaths, check_reuse, load_or_build_subset
+
+    paths = RunPaths(cfg.out_dir)
+    check_reuse(cfg, paths)
+    return paths, load_or_build_subset(paths, build_subset)
+
+
+def fit(trainer: Trainer) -> dict:
+    """Run ``trainer`` to its last step (resuming what is there); returns its summary."""
+    from tqdm.auto import tqdm
+
+    t = trainer
+    t.open()
+    if not t.done:
+        bar = tqdm(total=t.total, initial=t.step, disable=not (t.progress and t.acc.is_main_process),
+                   desc="train", unit="step")
+        t._t_last = time.perf_counter()
+        while t.step < t.total:
+            loss = t.backward()
+            t.stop_if_nonfinite(loss)
+            columns = t.update()
+            t.step += 1
+            t.loss = loss
+            row = t.log_step(columns)
+            bar.update(1)
+            if t.acc.is_main_process and (postfix := t.postfix(row)):
+                bar.set_postfix(**postfix)
+            snap, ckpt = t.snapshot_due(t.step), t.checkpoint_due(t.step)
+            if snap and t.acc.is_main_process:
+                t.snapshot()
+            if ckpt and t.acc.is_main_process:
+                t.save_checkpoint()
+            if t.world > 1 and (snap or ckpt):
+                t.acc.wait_for_everyone()
+        bar.close()
+    return t.finish()

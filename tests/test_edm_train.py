@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from sdmem import checkpoint
 from sdmem.config import apply_overrides
 from sdmem.runs import load_config
 from sdmem.edm import train as train_mod
@@ -97,7 +98,12 @@ def test_the_auditor_takes_the_run_folder_as_its_training_set(tiny_edm_run):
 
 
 def _weights(path):
-    return {k: v for k, v in load_file(str(path)).items() if k.startswith(("net.", "ema.", "opt."))}
+    return {k: v for k, v in load_file(str(path)).items() if k.startswith(("model.", "ema.", "opt."))}
+
+
+def _newest(run):
+    """The run's newest checkpoint file (sdmem.checkpoint: checkpoints/step-N.safetensors), None when there is none."""
+    return checkpoint.newest(run)
 
 
 def _cli(*args, **kw):
@@ -113,17 +119,17 @@ def test_resume_after_kill_is_bitwise_equal(tmp_path):
     assert proc.wait(timeout=300) == 0, proc.stderr.read()
     # Run b: killed (SIGKILL) once a checkpoint exists and before the end, then resumed by the same command.
     proc = _cli("train", path_b, "--quiet")
-    ckpt = tmp_path / "b" / "checkpoint.safetensors"
     deadline = time.time() + 240
-    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
+    while _newest(tmp_path / "b") is None and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    step_killed = int(json.loads(load_file_meta(ckpt))["step"]) if ckpt.exists() else None
+    ckpt = _newest(tmp_path / "b")
+    step_killed = checkpoint.read(ckpt).step if ckpt else None
     assert step_killed is not None and step_killed < 24
     proc = _cli("train", path_b, "--quiet")
     assert proc.wait(timeout=300) == 0, proc.stderr.read()
-    wa, wb = _weights(tmp_path / "a" / "checkpoint.safetensors"), _weights(ckpt)
+    wa, wb = _weights(_newest(tmp_path / "a")), _weights(_newest(tmp_path / "b"))
     assert wa.keys() == wb.keys()
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k
@@ -133,23 +139,17 @@ def test_resume_after_kill_is_bitwise_equal(tmp_path):
     assert steps[0] == steps[1] and len(set(steps[1])) == len(steps[1])
 
 
-def load_file_meta(path):
-    from safetensors import safe_open
-    with safe_open(str(path), framework="pt") as f:
-        return json.dumps(f.metadata())
-
-
 def test_refusals_keep_files(tmp_path):
     cfg, _ = tiny_config(tmp_path, epochs=2)
     train(cfg, progress=False)
     run = Path(cfg.out_dir)
-    ckpt = run / "checkpoint.safetensors"
     # A training key changed: refuse, naming it.
     with pytest.raises(InputError, match="train.lr"):
         train(apply_overrides(cfg, ["train.lr=1e-3"]), progress=False)
     # Only epochs changed: resumes and trains on.
     assert train(apply_overrides(cfg, ["train.epochs=4"]), progress=False)["steps"] == 8
     # A foreign and a corrupt checkpoint are refused and kept as they are.
+    ckpt = _newest(run)
     save_file({"x": torch.zeros(2)}, str(ckpt), metadata={"format": "something-else"})
     before = ckpt.read_bytes()
     with pytest.raises(InputError, match="not an sdmem file"):
@@ -179,8 +179,7 @@ def test_nan_loss_stops_and_keeps_last_good_state(tmp_path, monkeypatch):
     monkeypatch.setitem(train_mod.LOSSES, "edm", Poisoned)
     with pytest.raises(SdmemError, match="loss became nan at step 9"):
         train(cfg, progress=False)
-    meta = json.loads(load_file_meta(Path(cfg.out_dir) / "checkpoint.safetensors"))
-    assert meta["step"] == "8"  # checkpoint every 2 epochs = 4 steps: the last good one
+    assert checkpoint.read(_newest(Path(cfg.out_dir))).step == 8  # checkpoint every 2 epochs = 4 steps: the last good one
 
 
 def test_dry_run_and_bad_configs(tmp_path):
@@ -210,7 +209,7 @@ def test_accelerate_launch_two_cpu_processes(tmp_path):
                          env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert out.returncode == 0, out.stderr[-3000:]
     run = tmp_path / "ddp"
-    assert (run / "checkpoint.safetensors").exists() and len((run / "tracking.jsonl").read_text().splitlines()) == 1
+    assert _newest(run) is not None and len((run / "tracking.jsonl").read_text().splitlines()) == 1
     assert out.stdout.count("trained 4 steps") == 1  # one summary line per run, not per process
 
 
@@ -220,8 +219,8 @@ def test_fused_adam_changes_the_update_by_rounding_only(tmp_path):
     for name, fused in (("fused", "true"), ("default", "false")):
         cfg, _ = tiny_config(tmp_path, name, epochs=4)
         train(apply_overrides(cfg, [f"train.fused_adam={fused}"]), progress=False)
-        runs[name] = _weights(tmp_path / name / "checkpoint.safetensors")
+        runs[name] = _weights(_newest(tmp_path / name))
     a, b = runs["fused"], runs["default"]
     assert a.keys() == b.keys()
-    nets = [k for k in a if k.startswith("net.")]
+    nets = [k for k in a if k.startswith("model.")]
     assert nets and all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in nets)

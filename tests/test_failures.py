@@ -34,11 +34,13 @@ def test_corrupt_snapshot(cli, run_copy, tmp_path):
 
 def test_corrupt_checkpoint_is_refused_on_resume(cli, run_copy, tmp_path):
     from helpers import write_tiny_edm
+    from sdmem.checkpoint import newest
 
-    (run_copy / "checkpoint.safetensors").write_bytes(b"\x00" * 64)
+    ckpt = newest(run_copy)
+    ckpt.write_bytes(b"\x00" * 64)
     cfg = write_tiny_edm(tmp_path, "run", labels="true", epochs=12)  # the same run, trained longer
-    cli("train", cfg, "--quiet").one_line_error("checkpoint.safetensors")
-    assert (run_copy / "checkpoint.safetensors").read_bytes() == b"\x00" * 64
+    cli("train", cfg, "--quiet").one_line_error(ckpt.name)
+    assert ckpt.read_bytes() == b"\x00" * 64
 
 
 @pytest.mark.parametrize("damage", ["{", "[]", '{"format": "other"}'])

@@ -314,8 +314,11 @@ def test_a_report_best_point_gets_the_fid_of_its_best_snapshots_images(weights, 
     with open(tmp_path / "sweep" / "results.csv", newline="") as f:
         (row,) = list(csv.DictReader(f))
     best = json.loads((point / "run" / "best.json").read_text())
-    manifest = json.loads((point / "generated" / "manifest.json").read_text())
+    # The FID is that of the tracked images of the best snapshot (kept by tracking, not generated again).
+    tracked = point / "run" / "tracking" / f"epoch-{best['epoch']:07d}" / "generated"
+    manifest = json.loads((tracked / "manifest.json").read_text())
     assert int(row["epoch"]) == best["epoch"] and manifest["settings"]["snapshot"] == f"epoch {best['epoch']}"
-    assert sorted(p.name for p in (point / "generated").glob("*.png")) == [f"{s:06d}.png" for s in range(4)]
-    expected = compute_fid(point / "generated", point / "run", weights=weights).fid
+    assert sorted(p.name for p in tracked.glob("*.png")) == [f"{s:06d}.png" for s in range(4)]
+    assert not (point / "generated").exists()
+    expected = compute_fid(tracked, point / "run", weights=weights).fid
     assert float(row["fid"]) == pytest.approx(expected) and expected > 0

@@ -53,7 +53,7 @@ def _cli(*args):
 
 
 def _state(run: Path, step: int) -> dict:
-    return load_file(str(run / "checkpoints" / f"step-{step:07d}" / "state.safetensors"))
+    return load_file(str(run / "checkpoints" / f"step-{step:07d}.safetensors"))
 
 
 def _same_tensors(a: dict, b: dict) -> bool:
@@ -64,7 +64,7 @@ def test_resume_after_kill_is_bitwise_equal(tmp_path, assets):
     path_a, path_b = write_config(tmp_path, "a", assets), write_config(tmp_path, "b", assets)
     # Run a uninterrupted, side by side with run b, which is killed (SIGKILL) once its first checkpoint exists.
     proc_a, proc_b = _cli("train", path_a, "--quiet"), _cli("train", path_b, "--quiet")
-    first = tmp_path / "b" / "checkpoints" / "step-0000004"
+    first = tmp_path / "b" / "checkpoints" / "step-0000004.safetensors"
     deadline = time.time() + 180
     while not first.exists() and time.time() < deadline and proc_b.poll() is None:
         time.sleep(0.02)
@@ -83,8 +83,10 @@ def test_resume_after_kill_is_bitwise_equal(tmp_path, assets):
     la = load_file(str(tmp_path / "a" / "pytorch_lora_weights.safetensors"))
     lb = load_file(str(tmp_path / "b" / "pytorch_lora_weights.safetensors"))
     assert _same_tensors(la, lb)
-    meta_a = json.loads((tmp_path / "a" / "checkpoints" / "step-0000016" / "meta.json").read_text())
-    meta_b = json.loads((tmp_path / "b" / "checkpoints" / "step-0000016" / "meta.json").read_text())
+    from sdmem import checkpoint
+
+    meta_a = checkpoint.read(tmp_path / "a" / "checkpoints" / "step-0000016.safetensors").extra
+    meta_b = checkpoint.read(tmp_path / "b" / "checkpoints" / "step-0000016.safetensors").extra
     assert meta_a["lr_scheduler"] == meta_b["lr_scheduler"] and meta_a["lr_scheduler"]["last_epoch"] == 16
     logs = [json.loads(line)["step"] for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
     assert logs == [4, 8, 12, 16]  # rows past the checkpoint were dropped on resume, never repeated
@@ -122,7 +124,7 @@ def test_resume_refusals_and_accepted_changes(tmp_path, assets):
     assert (run / "final.json").exists()
     # A corrupt newest checkpoint is refused and left as it is (final.json removed so training would resume).
     (run / "final.json").unlink()
-    state = run / "checkpoints" / "step-0000002" / "state.safetensors"
+    state = run / "checkpoints" / "step-0000002.safetensors"
     state.write_bytes(b"garbage")
     with pytest.raises(InputError, match="corrupt"):
         train(cfg, progress=False)

@@ -82,7 +82,8 @@ def test_runs_write_the_expected_folder(runs):
     for name in ("lora", "full"):
         run = runs[name]
         # Rotation: checkpoints every 2 steps (2, 4, 6), the newest 2 kept; no temporary folders left.
-        assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-0000004", "step-0000006"]
+        assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-0000004.safetensors",
+                                                                          "step-0000006.safetensors"]
         rows = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
         assert [r["step"] for r in rows] == list(range(1, 7)) and all(np.isfinite(r["loss"]) for r in rows)
         assert rows[0]["lr"] == pytest.approx(3e-4 if name == "lora" else 1e-4) and rows[-1]["lr"] < rows[0]["lr"]
@@ -279,7 +280,7 @@ def _train_in_process(tmp, name, assets, **train):
     ckpt = max((tmp / name / "checkpoints").glob("step-*"))
     from safetensors.torch import load_file
 
-    return summary, load_file(str(ckpt / "state.safetensors"))
+    return summary, load_file(str(ckpt))
 
 
 def _assert_same_training_up_to_rounding(a, b):

@@ -71,12 +71,21 @@ def run_plan(run_dir: str | os.PathLike, *, snapshot: str = "latest", class_labe
     label_dim, res = meta["label_dim"], meta["img_resolution"]
     fixed = _fixed_class(class_label, label_dim)
     dev = resolve_device(device)
-    sigma_min = cfg.track.sigma_min  # never below the network's trained σ range (the run's own setting)
-    settings = {"made_by": {"kind": "edm", "fingerprint": fingerprint(cfg)}, "snapshot": f"epoch {meta['epoch']}",
-                "sampler": "edm-heun", "steps": steps, "sigma_min": sigma_min, "batch": batch, "size": [res, res]}
     info = {"run": str(Path(run_dir).resolve()), "snapshot_file": path.name, "device": dev}
-    return _denoiser_plan(settings, info, lambda: load_snapshot(path, dev)[0], label_dim=label_dim, fixed=fixed,
-                          res=res, dev=dev, steps=steps, sigma_min=sigma_min)
+    return snapshot_plan(cfg, lambda: load_snapshot(path, dev)[0], epoch=meta["epoch"], res=res, label_dim=label_dim,
+                         fixed=fixed, batch=batch, steps=steps, dev=dev, info=info)
+
+
+def snapshot_plan(cfg, get_net, *, epoch: int, res: int, label_dim: int, fixed: int | None, batch: int, steps: int,
+                  dev, info: dict) -> Plan:
+    """The plan of the images of an EDM run's EMA snapshot at ``epoch`` (``cfg``: the run's config, ``get_net()``
+    its denoiser): one settings record for `sdmem generate` (:func:`run_plan`) and memorization tracking
+    (sdmem.edm.tracking), so a folder either made is extended by the other."""
+    sigma_min = cfg.track.sigma_min  # never below the network's trained σ range (the run's own setting)
+    settings = {"made_by": {"kind": "edm", "fingerprint": fingerprint(cfg)}, "snapshot": f"epoch {epoch}",
+                "sampler": "edm-heun", "steps": steps, "sigma_min": sigma_min, "batch": batch, "size": [res, res]}
+    return _denoiser_plan(settings, info, get_net, label_dim=label_dim, fixed=fixed, res=res, dev=dev, steps=steps,
+                          sigma_min=sigma_min)
 
 
 def pickle_plan(path: str | os.PathLike, *, class_label: str | int | None = "random", batch: int = 256,

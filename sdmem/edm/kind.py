@@ -71,32 +71,51 @@ class EDMKind(Kind):
 
     def _best(self, point, paths: RunPaths, progress: bool, device: str) -> dict:
         """report: best: the tracked snapshot with the highest ratio (best.json), as the paper reports; its tracked
-        audit (per-sample flags) becomes the point's audit."""
+        audit (per-sample flags) becomes the point's audit: tracking/epoch-N/audit/, or tracking/epoch-N/ itself in a
+        run tracked before the images were kept."""
+        from .tracking import tracked_audit
+
         best = read_record(paths.best, TRACKED)
         lo, hi = best["memorization_ratio_ci95"]
         epoch = int(best["epoch"])
-        tracked = paths.tracking_audit(epoch)
-        if tracked.is_dir():
+        tracked = tracked_audit(paths, epoch)
+        if tracked is not None:
             replace_audit(point.dir / "audit", tracked)
         return {"memorization_ratio": best["memorization_ratio"], "memorization_ratio_low": lo,
                 "memorization_ratio_high": hi, "knn_distance": best["knn_distance"], "epoch": epoch,
                 "step": int(best["step"]), "images_seen": int(best["nimg"]),
-                "num_generated": int(best["num_generated"]), "fid": _best_fid(point, epoch, progress, device)}
+                "num_generated": int(best["num_generated"]),
+                "fid": _best_fid(point, epoch, int(best["num_generated"]), progress, device)}
 
 
-def _best_fid(point, epoch: int, progress: bool, device: str) -> float | None:
-    """The FID of the best snapshot's images when the Inception weights are in their default place (else None, an
-    empty cell). The tracked images are not kept, so they are generated again from that EMA snapshot with the
-    tracked seeds, batch and steps (the same seed grid) into generated/."""
+def _best_fid(point, epoch: int, num: int, progress: bool, device: str) -> float | None:
+    """The FID of the best snapshot's tracked images when the Inception weights are in their default place (else
+    None, an empty cell): computed on tracking/epoch-N/generated/ itself. A run tracked before the images were kept
+    has them generated again from that EMA snapshot with the tracked seeds, batch and steps into generated/."""
     from ..fid import compute_fid, weights_available
     from .generate import generate_run
+    from .tracking import tracked_generated
 
     if not weights_available():
         return None
     t = point.config.track
-    generate_run(point.run_dir, point.dir / "generated", seeds=list(range(t.seed, t.seed + t.num_images)),
-                 snapshot=str(epoch), batch=t.batch, steps=t.steps, device=device, progress=progress)
-    return compute_fid(point.dir / "generated", point.run_dir, device=device, progress=progress).fid
+    seeds = list(range(t.seed, t.seed + num))
+    folder = tracked_generated(RunPaths(point.run_dir), epoch)
+    if not _holds_seeds(folder, seeds):
+        folder = point.dir / "generated"
+        generate_run(point.run_dir, folder, seeds=seeds, snapshot=str(epoch), batch=t.batch, steps=t.steps,
+                     device=device, progress=progress)
+    return compute_fid(folder, point.run_dir, device=device, progress=progress).fid
+
+
+def _holds_seeds(folder, seeds: list[int]) -> bool:
+    """True when a generated folder's manifest records exactly ``seeds`` (the tracked images of a run since they
+    are kept; tracking writes the manifest before the images and audits them all before its row is logged)."""
+    from ..generation import MANIFEST, image_name, read_manifest
+
+    if not (folder / MANIFEST).is_file():
+        return False
+    return set(read_manifest(folder)["images"]) == {image_name(s) for s in seeds}
 
 
 KIND = EDMKind()

@@ -19,7 +19,6 @@ from .config import EDMConfig, network_kwargs
 from .precond import PRECONDS
 
 SNAPSHOT_FORMAT = "sdmem-edm-snapshot/1"
-CHECKPOINT_FORMAT = "sdmem-edm-checkpoint/1"
 
 
 def build_denoiser(cfg: EDMConfig, img_resolution: int, label_dim: int) -> torch.nn.Module:

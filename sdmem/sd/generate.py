@@ -84,7 +84,7 @@ def load_run_pipeline(run_dir: str | os.PathLike, *, snapshot: str = "final", de
                       dtype=torch.float32):
     """(pipeline with the DDIM sampler, config, weights description) for a LoRA or a full run."""
     from .components import load_components, make_pipeline, quiet_diffusers
-    from .run import read_checkpoint
+    from .. import checkpoint
 
     cfg, paths = read_run_config(run_dir, "sd"), RunPaths(run_dir)
     if snapshot in ("final", "latest"):
@@ -103,19 +103,19 @@ def load_run_pipeline(run_dir: str | os.PathLike, *, snapshot: str = "final", de
         weights = f"final ({final.get('weights')}, step {final.get('step')})"
     else:
         step = checkpoint_step(run_dir, snapshot)
-        tensors, meta = read_checkpoint(paths.list_checkpoints()[step])
+        ck = checkpoint.read(paths.list_checkpoints()[step])
         comps = load_components(cfg.model.pretrained, cfg.model.revision)
         if cfg.model.method == "lora":
             from .lora import add_lora
 
             add_lora(comps.unet, rank=cfg.model.rank, alpha=cfg.model.alpha, target_modules=cfg.model.target_modules)
         use_ema = cfg.train.ema and cfg.train.final_weights == "ema"
-        prefix = "ema." if use_ema else "param."
+        tensors = ck.ema if use_ema else ck.model
         named = dict(comps.unet.named_parameters())
         try:
             with torch.no_grad():
-                for n in meta["param_names"]:
-                    named[n].copy_(tensors[prefix + n])
+                for n in ck.model:
+                    named[n].copy_(tensors[n])
         except (KeyError, RuntimeError, TypeError) as exc:
             raise InputError(paths.list_checkpoints()[step], f"does not fit this run's model ({exc})") from None
         pipe = make_pipeline(comps, comps.unet)

@@ -9,25 +9,21 @@ EMA, the optimizer state, the LR schedule and the fp16 loss scale; with the step
 from __future__ import annotations
 
 import contextlib
-import math
-import shutil
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from ..config import config_to_dict, flatten_config
+from ..config import config_to_dict
 from ..data.subset import Subset
-from ..errors import InputError, SdmemError
-from ..runs import JsonlLog, RunPaths, check_reuse, load_or_build_subset, read_json, write_run_folder
-from ..training import (batch_indices, check_world, finish_accelerator, make_accelerator, make_optimizer, rank_share,
-                        set_tf32, step_seed, update_ema)
+from ..errors import InputError
+from ..runs import JsonlLog, RunPaths, read_json
+from ..training import (Trainer, batch_indices, finish_accelerator, fit, make_optimizer, prepare, rank_share, set_tf32,
+                        step_seed, update_ema)
 from ..utils import save_png
 from .components import make_pipeline
 from .config import SDConfig
-from .run import load_checkpoint, rotate_checkpoints, save_checkpoint, save_outputs
+from .run import save_outputs
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -38,15 +34,6 @@ def ema_decay(step: int, max_decay: float) -> float:
     ~10% of the steps seen so far (with 0.9999, the cap never binds in a 6250-step paper run)."""
     s = step - 1
     return 0.0 if s <= 0 else min(max_decay, (1 + s) / (10 + s))
-
-
-def prepare(cfg: SDConfig) -> tuple[RunPaths, Subset]:
-    """Check the run folder and build (or reload) the training subset D, writing nothing yet."""
-    from .data import build_sd_subset
-
-    paths = RunPaths(cfg.out_dir)
-    check_reuse(cfg, paths)
-    return paths, load_or_build_subset(paths, lambda: build_sd_subset(cfg.data))
 
 
 def sd_loss(unet, noise_scheduler, mean: torch.Tensor, std: torch.Tensor, text: torch.Tensor,
@@ -134,59 +121,87 @@ def swapped_in(params: list[torch.Tensor], values: list[torch.Tensor] | None):
             torch._foreach_copy_(params, saved)
 
 
-class SDTrainer:
-    """One SD fine-tuning run, as named steps: ``setup`` (folder, model, optimizer, resume), then per optimizer
-    step ``loss_step``, ``ema_step``, ``log_step``, ``validation_step`` and ``checkpoint_step``; ``finish``."""
+class SDTrainer(Trainer):
+    """One SD fine-tuning run on the training skeleton (sdmem.training.fit): AdamW with diffusers' LR schedule,
+    ``gradient_accumulation`` passes per optimizer step, EMA with diffusers' warm-up, validation images and a
+    checkpoint every ``validation_every_steps`` / ``checkpoint_steps`` (the newest ``checkpoints_total_limit``
+    kept), then the final inference weights."""
+
+    name = "sd"
 
     def __init__(self, cfg: SDConfig, *, progress: bool = True):
+        super().__init__(cfg, progress=progress)
+        if not torch.cuda.is_available() and cfg.train.mixed_precision == "fp16":
+            raise InputError("train.mixed_precision", "fp16 needs a GPU; use bf16 or no on a CPU")
+        self.total = cfg.total_steps
+        self.keep_checkpoints = cfg.train.checkpoints_total_limit
+        self.nonfinite_allowance = 8 if cfg.train.mixed_precision == "fp16" else 0
+        self.scaler_state = None
+
+    def build_subset(self) -> Subset:
+        from .data import build_sd_subset
+
+        return build_sd_subset(self.cfg.data)
+
+    def mixed_precision(self) -> str:
+        return self.cfg.train.mixed_precision
+
+    def build(self) -> None:
+        """The model: the frozen encoders in float32 (they run once when cached), the trained weights in float32 (a
+        LoRA's frozen base in the compute dtype), their EMA, AdamW with the LR schedule."""
         from diffusers.optimization import get_scheduler
 
         from .components import load_components
         from .data import prompt_indices, prompt_table
 
-        self.cfg, self.progress = cfg, progress
-        self.paths, self.subset = prepare(cfg)
-        if not torch.cuda.is_available() and cfg.train.mixed_precision == "fp16":
-            raise InputError("train.mixed_precision", "fp16 needs a GPU; use bf16 or no on a CPU")
-        self.acc = acc = make_accelerator(self.paths.root, self.paths.tensorboard,
-                                          mixed_precision=cfg.train.mixed_precision)
-        self.device, self.world, self.rank = acc.device, acc.num_processes, acc.process_index
-        self.per_rank = check_world(cfg.train.batch_size, self.world)
-        self.total = cfg.total_steps
-        with acc.main_process_first():
+        cfg, t = self.cfg, self.cfg.train
+        with self.acc.main_process_first():
             self.comps = comps = load_components(cfg.model.pretrained, cfg.model.revision)
         check_resolution(cfg, comps)
-        set_tf32(cfg.train.allow_tf32)
+        set_tf32(t.allow_tf32)
         self.prompts = prompt_table(cfg.data, self.subset.class_names)
         self.prompt_idx = torch.from_numpy(prompt_indices(cfg.data, self.subset))
-
-        # The model: the frozen encoders in float32 (they run once when cached), the trained weights in float32 (a
-        # LoRA's frozen base in the compute dtype), their EMA, AdamW with the LR schedule.
         for module in (comps.vae, comps.text_encoder):
             to_device(module, self.device, torch.float32)
-        self.named = build_trainable(cfg, comps, self.device, DTYPES[cfg.train.mixed_precision])
+        self.named = build_trainable(cfg, comps, self.device, DTYPES[t.mixed_precision])
         self.params = [p for _, p in self.named]
-        self.ema = [p.detach().clone().float() for p in self.params] if cfg.train.ema else None
-        t = cfg.train
+        self.ema = [p.detach().clone().float() for p in self.params] if t.ema else None
         self.optimizer = make_optimizer(self.params, lr=t.lr, weight_decay=t.weight_decay, decoupled=True,
                                         betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps, fused=t.fused_adam)
         self.lr_scheduler = get_scheduler(t.lr_schedule, self.optimizer, num_warmup_steps=t.lr_warmup_steps,
                                           num_training_steps=self.total)
-        self.step, scaler_state = load_checkpoint(cfg, self.paths, self.device, self.named, self.ema, self.optimizer,
-                                                  self.lr_scheduler)
 
-        # Now that everything checked out, write the run folder (config and the exact subset D), and drop log rows
-        # past the checkpoint: the steps after it are replayed (identically) and logged again.
-        if acc.is_main_process:
-            write_run_folder(cfg, self.paths, self.subset)
-            JsonlLog(self.paths.log).trim(self.step)
-            for stale in self.paths.checkpoints.glob(".step-*") if self.paths.checkpoints.is_dir() else ():
-                shutil.rmtree(stale, ignore_errors=True)  # a write that a kill interrupted
-            acc.init_trackers("sd", config={k: str(v) for k, v in flatten_config(cfg).items()})
-        acc.wait_for_everyone()
-        self.done = self.step >= self.total and self.paths.final.exists()
-        if self.done:
-            return
+    def weights(self) -> tuple[dict, dict | None]:
+        model = {n: p.detach() for n, p in self.named}
+        return model, None if self.ema is None else {n: e for (n, _), e in zip(self.named, self.ema)}
+
+    def load_weights(self, model: dict, ema: dict | None) -> None:
+        if list(model) != [n for n, _ in self.named]:
+            raise ValueError("its trained parameters are not this run's")
+        with torch.no_grad():
+            for n, p in self.named:
+                p.copy_(model[n])
+            for (n, _), e in zip(self.named, self.ema or []):
+                e.copy_(ema[n])
+
+    def extra_state(self) -> dict:
+        scaler = self.acc.scaler
+        return {"lr_scheduler": self.lr_scheduler.state_dict(),
+                "grad_scaler": None if scaler is None else scaler.state_dict()}
+
+    def load_extra(self, extra: dict) -> None:
+        self.lr_scheduler.load_state_dict(extra["lr_scheduler"])
+        for group, lr in zip(self.optimizer.param_groups, self.lr_scheduler.get_last_lr()):
+            group["lr"] = lr
+        self.scaler_state = extra.get("grad_scaler")
+
+    def finished(self) -> bool:
+        return self.step >= self.total and self.paths.final.exists()
+
+    def begin(self) -> None:
+        from .cache import LatentCache, Uncached
+
+        t, comps, acc = self.cfg.train, self.comps, self.acc
         if t.channels_last:
             comps.unet.to(memory_format=torch.channels_last)
         if t.compile:
@@ -195,19 +210,16 @@ class SDTrainer:
             comps.unet.compile(dynamic=False)
         self.ddp_unet = acc.prepare_model(comps.unet)
         self.opt = acc.prepare_optimizer(self.optimizer)
-        if scaler_state and acc.scaler is not None:
-            acc.scaler.load_state_dict(scaler_state)
-        from .cache import LatentCache, Uncached
-
+        if self.scaler_state and acc.scaler is not None:
+            acc.scaler.load_state_dict(self.scaler_state)
         self.data = (LatentCache if t.cache else Uncached)(
             comps.vae, comps.tokenizer, comps.text_encoder, np.asarray(self.subset.images), self.prompts,
             device=self.device, dtype=torch.float32)
-        self.gen, self.bad, self.t_last = torch.Generator(device=self.device), 0, time.perf_counter()
-        self.loss: float | None = None  # the last step's loss; None until a step runs in this process
+        self.gen = torch.Generator(device=self.device)
 
-    def loss_step(self) -> float:
-        """One optimizer step: ``gradient_accumulation`` passes of batch_size images (per_rank here), seeded by the
-        step; a non-finite loss skips the update (fp16: a few, as the scaler would) or stops training."""
+    def backward(self) -> float:
+        """``gradient_accumulation`` passes of batch_size images (per_rank here), seeded by the step; the loss
+        averaged over passes and processes."""
         cfg, acc, accum = self.cfg, self.acc, self.cfg.train.gradient_accumulation
         s = step_seed(cfg.seed, self.rank, self.step)
         torch.manual_seed(s)
@@ -224,70 +236,42 @@ class SDTrainer:
                                self.comps.vae.config)
                 acc.backward(loss / accum)
             loss_sum += loss.detach()
-        loss_value = float(acc.reduce(loss_sum, reduction="sum")) / (self.world * accum)
-        if not math.isfinite(loss_value):
-            self.opt.zero_grad(set_to_none=True)
-            self.bad += 1
-            if cfg.train.mixed_precision != "fp16" or self.bad > 8:
-                ckpts = self.paths.list_checkpoints()
-                last = f"the last good state is {ckpts[max(ckpts)]}" if ckpts else "no checkpoint was written yet"
-                raise SdmemError(f"{self.paths.root}: the loss became {loss_value} at step {self.step}; training "
-                                 f"stopped and {last} (left as it is)")
-        else:
-            self.bad = 0
-        if cfg.train.max_grad_norm > 0:
-            acc.clip_grad_norm_(self.params, cfg.train.max_grad_norm)
-        self.lr = self.lr_scheduler.get_last_lr()[0]
+        return float(acc.reduce(loss_sum, reduction="sum")) / (self.world * accum)
+
+    def update(self) -> dict:
+        """Clip, AdamW and the LR schedule; then ema <- d·ema + (1 − d)·weights, with diffusers' warm-up of d."""
+        t = self.cfg.train
+        if t.max_grad_norm > 0:
+            self.acc.clip_grad_norm_(self.params, t.max_grad_norm)
+        lr = self.lr_scheduler.get_last_lr()[0]
         self.opt.step()
         self.lr_scheduler.step()
         self.opt.zero_grad(set_to_none=True)
-        self.step += 1
-        self.loss = loss_value
-        return loss_value
+        decay = None
+        if self.ema is not None:
+            decay = ema_decay(self.step + 1, t.ema_decay)
+            update_ema(self.ema, self.params, decay)
+        return {"lr": lr, "ema_decay": decay}
 
-    def ema_step(self) -> float | None:
-        """ema <- d·ema + (1 − d)·weights, with diffusers' warm-up of d; returns d (None without EMA)."""
-        if self.ema is None:
-            return None
-        decay = ema_decay(self.step, self.cfg.train.ema_decay)
-        update_ema(self.ema, self.params, decay)
-        return decay
+    def images_seen(self, step: int) -> int:
+        return step * self.cfg.images_per_step
 
-    def log_step(self, decay: float | None) -> None:
-        if not (self.step % self.cfg.train.log_every_steps == 0 or self.step == self.total):
-            return
-        now = time.perf_counter()
-        row = {"step": self.step, "images_seen": self.step * self.cfg.images_per_step, "loss": self.loss,
-               "lr": self.lr, "ema_decay": decay, "sec": round(now - self.t_last, 3)}
-        self.t_last = now
-        if self.acc.is_main_process:
-            JsonlLog(self.paths.log).append(row)
-            self.acc.log({"loss": self.loss, "lr": self.lr}, step=self.step)
+    def checkpoint_due(self, step: int) -> bool:
+        return step % self.cfg.train.checkpoint_steps == 0 or step == self.total
+
+    def snapshot_due(self, step: int) -> bool:
+        every = self.cfg.train.validation_every_steps
+        return bool(every) and (step % every == 0 or step == self.total)
 
     def final_ema(self) -> list[torch.Tensor] | None:
         """The weights the run's outputs and validation images use: the EMA, unless train.final_weights is last."""
         return self.ema if self.cfg.train.final_weights == "ema" else None
 
-    def validation_step(self) -> None:
-        """A few images at generate.{steps, guidance_scale}, seeds generate.seed + i, prompts cycling over classes."""
-        every = self.cfg.train.validation_every_steps
-        if not every or not (self.step % every == 0 or self.step == self.total):
-            return
-        if self.acc.is_main_process:
-            with swapped_in(self.params, self.final_ema()):
-                validate(self.cfg, self.paths, self.comps, self.comps.unet, self.prompts, self.step, self.acc)
-        if self.world > 1:
-            self.acc.wait_for_everyone()
-
-    def checkpoint_step(self) -> None:
-        """The full resumable state every train.checkpoint_steps and at the end, the oldest rotated out."""
-        if not (self.step % self.cfg.train.checkpoint_steps == 0 or self.step == self.total):
-            return
-        if self.acc.is_main_process:
-            save_checkpoint(self.cfg, self.paths, self.step, self.named, self.ema, self.optimizer, self.lr_scheduler,
-                            self.acc.scaler)
-            rotate_checkpoints(self.paths, self.cfg.train.checkpoints_total_limit)
-        self.acc.wait_for_everyone()
+    def snapshot(self) -> None:
+        """A few validation images at generate.{steps, guidance_scale}, seeds generate.seed + i, prompts cycling
+        over the classes."""
+        with swapped_in(self.params, self.final_ema()):
+            validate(self.cfg, self.paths, self.comps, self.comps.unet, self.prompts, self.step, self.acc)
 
     def finish(self) -> dict:
         """Save the outputs (EMA weights by default, then final.json) and end the processes; returns a summary."""
@@ -299,7 +283,7 @@ class SDTrainer:
         loss = None if self.done else self.loss
         if loss is None and not self.done:  # resumed at the last step: no step ran here, its loss is in the log
             loss = next((r["loss"] for r in reversed(JsonlLog(paths.log).rows()) if r.get("step") == self.step), None)
-        summary = {"out_dir": str(paths.root), "steps": self.step, "images_seen": self.step * cfg.images_per_step,
+        summary = {"out_dir": str(paths.root), "steps": self.step, "images_seen": self.images_seen(self.step),
                    "num_train": len(self.subset), "loss": loss, "final": final,
                    "already_done": self.done, "main_process": acc.is_main_process}
         finish_accelerator(acc)
@@ -308,20 +292,7 @@ class SDTrainer:
 
 def train(cfg: SDConfig, *, progress: bool = True) -> dict:
     """Fine-tune (or resume) the run of ``cfg``; returns a summary (steps, images seen, last loss, outputs)."""
-    t = SDTrainer(cfg, progress=progress)
-    if not t.done:
-        bar = tqdm(total=t.total, initial=t.step, disable=not (progress and t.acc.is_main_process), desc="train",
-                   unit="step")
-        while t.step < t.total:
-            loss = t.loss_step()
-            decay = t.ema_step()
-            t.log_step(decay)
-            t.validation_step()
-            t.checkpoint_step()
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4g}")
-        bar.close()
-    return t.finish()
+    return fit(SDTrainer(cfg, progress=progress))
 
 
 def validate(cfg: SDConfig, paths: RunPaths, comps, unet, prompts: list[str], step: int, acc) -> Path:
@@ -353,7 +324,9 @@ def dry_run(cfg: SDConfig) -> dict:
     from .components import resolve_pretrained
     from .data import prompt_table
 
-    _, subset = prepare(cfg)
+    from .data import build_sd_subset
+
+    _, subset = prepare(cfg, lambda: build_sd_subset(cfg.data))
     out = {"num_train": len(subset), "num_classes": len(subset.class_names or []) or None,
            "class_names": subset.class_names, "prompts": prompt_table(cfg.data, subset.class_names),
            "images_per_step": cfg.images_per_step, "total_steps": cfg.total_steps}
