@@ -145,3 +145,50 @@ def test_full_run_ignores_lora_keys_and_a_folder_of_something_else(tmp_path, ass
     (tmp_path / "other" / "notes.txt").write_text("mine")
     with pytest.raises(InputError, match="not an sdmem run folder"):
         train(load_config(path, [f"out_dir={tmp_path / 'other'}"]), progress=False)
+
+
+def write_sd_v1(run: Path, ck) -> Path:
+    """An SD checkpoint as sdmem wrote it before the one format: checkpoints/step-N/{state.safetensors, meta.json}
+    (param./ema./opt. tensors; names, optimizer keys, LR schedule and loss scale in the JSON)."""
+    from safetensors.torch import save_file
+
+    from sdmem import checkpoint
+
+    tensors = {f"param.{n}": v for n, v in ck.model.items()}
+    tensors.update({f"ema.{n}": v for n, v in ck.ema.items()})
+    keys = {}
+    for i, st in ck.optimizer.items():
+        keys[str(i)] = sorted(st)
+        tensors.update({f"opt.{i}.{k}": v for k, v in st.items()})
+    folder = run / "checkpoints" / f"step-{ck.step:07d}"
+    folder.mkdir()
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "state.safetensors"),
+              metadata={"format": checkpoint.SD_V1, "step": str(ck.step)})
+    meta = {"format": checkpoint.SD_V1, "step": ck.step, "fingerprint": ck.fingerprint, "param_names": list(ck.model),
+            "optimizer": keys, "lr_scheduler": ck.extra["lr_scheduler"], "grad_scaler": ck.extra["grad_scaler"]}
+    (folder / "meta.json").write_text(json.dumps(meta))
+    return folder
+
+
+def test_an_sd_run_made_before_the_one_format_resumes_bitwise(tmp_path, assets):
+    from sdmem import checkpoint
+    from sdmem.sd.train import train
+
+    path = write_config(tmp_path, "run", assets)
+    train(load_config(path), progress=False)
+    run = tmp_path / "run"
+    done = checkpoint.read(run / "checkpoints" / "step-0000016.safetensors")
+    # Its step-12 checkpoint in the old layout, the rest gone: re-running resumes from it and ends where it ended.
+    new = run / "checkpoints" / "step-0000012.safetensors"
+    old = write_sd_v1(run, checkpoint.read(new))
+    for p in (new, run / "checkpoints" / "step-0000016.safetensors", run / "final.json"):
+        p.unlink()
+    assert checkpoint.listing(run) == {12: old}
+    summary = train(load_config(path), progress=False)
+    assert summary["steps"] == 16 and not summary["already_done"]
+    again = checkpoint.read(run / "checkpoints" / "step-0000016.safetensors")
+    for part in ("model", "ema"):
+        x, y = getattr(done, part), getattr(again, part)
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), part
+    assert again.extra["lr_scheduler"] == done.extra["lr_scheduler"]
+    assert sorted(checkpoint.listing(run)) == [12, 16] and checkpoint.listing(run)[12] == old  # 2 kept
