@@ -31,6 +31,20 @@ class Kind:
     # Run-folder records (names) that hold memorization numbers when the run has no audit/summary.json.
     numbers: tuple[str, ...] = ()
 
+    # The files of a run folder of this kind: a subclass of sdmem.runs.RunPaths (every kind's files) with its own.
+    paths: type | None = None
+
+    def files(self, run_dir):
+        """The paths of the run folder ``run_dir`` (``paths``)."""
+        if self.paths is None:
+            raise NotImplementedError(f"kind {self.name} declares no run-folder paths")
+        return self.paths(run_dir)
+
+    def tracking_log(self, run_dir):
+        """The JSON-lines record of the memorization tracked during training (rows of sdmem.records.TRACKED), for
+        kinds that track it."""
+        raise NotImplementedError(f"runs of kind {self.name} track no memorization")
+
     def train(self, cfg, *, progress: bool = True) -> dict:
         raise NotImplementedError
 

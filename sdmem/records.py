@@ -137,6 +137,7 @@ class Schema:
     what: str
     fields: Mapping[str, Field]
     across: tuple[tuple[tuple[str, ...], Callable[[dict], bool], str], ...] = field(default=())
+    renamed: Mapping[str, str] = field(default_factory=dict)  # an earlier name -> the field's name (read as it)
 
 
 def _shown(value) -> str:
@@ -150,6 +151,9 @@ def check(schema: Schema, record, where: str | os.PathLike, *, text: bool = Fals
     if not isinstance(record, dict):
         kind = {list: "a list", str: "a string", type(None): "null", bool: "a boolean"}.get(type(record), "a number")
         raise InputError(where, f"expected a JSON object ({schema.what}), got {kind}")
+    for old, new in schema.renamed.items():  # a record written before the field got its name
+        if old in record and new not in record:
+            record = {(new if k == old else k): v for k, v in record.items()}
     out = dict(record)
     for name, spec in schema.fields.items():
         key = prefix + name
@@ -241,8 +245,9 @@ AUDIT_SUMMARY = Schema("audit summary", {
     "knn_distance": Num(0.0, null=True), "num_generated": Int(1), "fid": Num(0.0, required=False, null=True)})
 
 TRACKED = Schema("tracked snapshot", {
-    "epoch": Int(0), "step": Int(0), "nimg": Int(0), "memorization_ratio": Num(**RATIO),
-    "memorization_ratio_ci95": Interval(**RATIO), "knn_distance": Num(0.0, null=True), "num_generated": Int(1)})
+    "epoch": Int(0), "step": Int(0), "images_seen": Int(0), "memorization_ratio": Num(**RATIO),
+    "memorization_ratio_ci95": Interval(**RATIO), "knn_distance": Num(0.0, null=True), "num_generated": Int(1)},
+    renamed={"nimg": "images_seen"})  # rows written before images_seen was the one name
 
 FINAL = Schema("final weights record", {"step": Int(0), "images_seen": Int(0), "method": Str(),
                                         "weights": Str(("ema", "last"))})

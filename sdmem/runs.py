@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -25,7 +24,6 @@ from .records import read_json  # noqa: F401 (the one JSON reader; sdmem.runs.re
 from .utils import atomic_write_text
 
 KINDS: dict[str, type] = CONFIGS  # kind name -> config class (sdmem.kinds registers them)
-_SNAPSHOT_RE = re.compile(r"^ema-(\d{7})\.safetensors$")
 
 
 def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()):
@@ -39,7 +37,8 @@ def config_from_mapping(data, overrides: Sequence[str] = (), where: str = ""):
 
 
 class RunPaths:
-    """Where a run keeps each of its files (the union over kinds; each trainer uses its own)."""
+    """Where a run keeps the files every kind's run folder has. A kind's own files are in its subclass (the kind's
+    ``files``: sdmem.edm.run.EDMPaths, sdmem.sd.run.SDPaths)."""
 
     def __init__(self, run_dir: str | os.PathLike):
         self.root = Path(run_dir)
@@ -48,26 +47,7 @@ class RunPaths:
         self.subset_info = self.root / "subset.json"
         self.log = self.root / "log.jsonl"
         self.tensorboard = self.root / "tensorboard"
-        # Every kind: resumable checkpoints (sdmem.checkpoint: step-N.safetensors, the newest kept).
-        self.checkpoints = self.root / "checkpoints"
-        # EDM: EMA snapshots for inference, memorization tracking.
-        self.snapshots = self.root / "snapshots"
-        self.tracking = self.root / "tracking.jsonl"
-        self.best = self.root / "best.json"
-        # SD: validation images, the final weights (final.json written last).
-        self.validation = self.root / "validation"
-        self.final = self.root / "final.json"
-
-    def snapshot(self, epoch: int) -> Path:
-        return self.snapshots / f"ema-{epoch:07d}.safetensors"
-
-    def list_snapshots(self) -> dict[int, Path]:
-        """{epoch: path} of the EMA snapshots present, in epoch order."""
-        return _numbered(self.snapshots, _SNAPSHOT_RE)
-
-    def tracking_audit(self, epoch: int) -> Path:
-        """The audit report of the images tracked at the snapshot of ``epoch`` (per_sample.csv, replicas.png)."""
-        return self.root / "tracking" / f"epoch-{epoch:07d}"
+        self.checkpoints = self.root / "checkpoints"  # sdmem.checkpoint: step-N.safetensors, the newest kept
 
     def checkpoint(self, step: int) -> Path:
         from .checkpoint import file_for
@@ -79,13 +59,6 @@ class RunPaths:
         from .checkpoint import listing
 
         return listing(self.root)
-
-
-def _numbered(folder: Path, pattern: re.Pattern) -> dict[int, Path]:
-    if not folder.is_dir():
-        return {}
-    found = {int(m.group(1)): p for p in folder.iterdir() if (m := pattern.match(p.name))}
-    return dict(sorted(found.items()))
 
 
 @dataclass(frozen=True)

@@ -172,6 +172,7 @@ class Trainer:
     """
 
     name = "run"
+    files: type | None = None  # the kind's run-folder paths (a sdmem.runs.RunPaths subclass); None: RunPaths
     keep_checkpoints: int | None = 1
     nonfinite_allowance = 0
 
@@ -248,7 +249,7 @@ class Trainer:
         """Check the folder, build the model and resume it; write the run folder once everything checked out."""
         from .config import flatten_config
 
-        self.paths, self.subset = prepare(self.cfg, self.build_subset)
+        self.paths, self.subset = prepare(self.cfg, self.build_subset, self.files)
         self.acc = make_accelerator(self.paths.root, self.paths.tensorboard, mixed_precision=self.mixed_precision())
         self.device, self.world, self.rank = self.acc.device, self.acc.num_processes, self.acc.process_index
         self.per_rank = check_world(self.cfg.train.batch_size, self.world)
@@ -343,11 +344,12 @@ class Trainer:
         return row
 
 
-def prepare(cfg, build_subset):
-    """(RunPaths, subset D) of a run: the folder checked for reuse, D reloaded from it or built; nothing written."""
+def prepare(cfg, build_subset, files: type | None = None):
+    """(paths, subset D) of a run: the folder checked for reuse, D reloaded from it or built; nothing written.
+    ``files``: the kind's RunPaths subclass."""
     from .runs import RunPaths, check_reuse, load_or_build_subset
 
-    paths = RunPaths(cfg.out_dir)
+    paths = (files or RunPaths)(cfg.out_dir)
     check_reuse(cfg, paths)
     return paths, load_or_build_subset(paths, build_subset)
 

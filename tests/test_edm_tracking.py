@@ -13,7 +13,8 @@ from PIL import Image
 
 from helpers import raises, write_tiny_edm
 from sdmem.config import fingerprint
-from sdmem.runs import RunPaths, load_config, read_run_config
+from sdmem.edm.run import EDMPaths
+from sdmem.runs import load_config, read_run_config
 
 SEEDS = list(range(3, 23))  # track.seed 3 (not a multiple of track.batch 16): grid blocks [0, 16) and [16, 32)
 EPOCHS = (4, 8)
@@ -108,7 +109,7 @@ def test_tracking_an_epoch_again_completes_the_same_folder_and_replaces_one_of_o
     from sdmem.edm.tracking import track_memorization
 
     copy = _copy_run(run, tmp_path)
-    paths, subset = RunPaths(copy), load_subset(copy)
+    paths, subset = EDMPaths(copy), load_subset(copy)
     cfg = replace(read_run_config(copy, "edm"), out_dir=str(copy))
     ema = load_snapshot(paths.snapshot(EPOCHS[0]))[0]
     generated = copy / "tracking" / f"epoch-{EPOCHS[0]:07d}" / "generated"
@@ -156,7 +157,7 @@ def test_report_best_copies_the_best_snapshots_audit_in_either_layout(run, tmp_p
         _to_old_layout(copy)
     point = _point(copy, tmp_path)
     point.dir.mkdir()
-    row = EDMKind()._best(point, RunPaths(copy), progress=False, device="cpu")
+    row = EDMKind()._best(point, EDMPaths(copy), progress=False, device="cpu")
     assert (point.dir / "audit" / "summary.json").read_text() == expected
     assert sorted(p.name for p in (point.dir / "audit").iterdir()) == ["per_sample.csv", "ratio_hist.png",
                                                                        "replicas.png", "summary.json"]
@@ -179,11 +180,11 @@ def test_report_best_fid_is_that_of_the_tracked_images_or_of_them_made_again(run
     tracked = copy / "tracking" / f"epoch-{best['epoch']:07d}" / "generated"
     point = _point(copy, tmp_path)
     point.dir.mkdir()
-    fid = EDMKind()._best(point, RunPaths(copy), progress=False, device="cpu")["fid"]
+    fid = EDMKind()._best(point, EDMPaths(copy), progress=False, device="cpu")["fid"]
     assert fid == pytest.approx(compute_fid(tracked, copy, weights=weights).fid) and fid > 0
     assert not (point.dir / "generated").exists()  # computed on the tracked images themselves
     kept = _pixels(tracked, SEEDS)
     _to_old_layout(copy)
-    again = EDMKind()._best(point, RunPaths(copy), progress=False, device="cpu")["fid"]
+    again = EDMKind()._best(point, EDMPaths(copy), progress=False, device="cpu")["fid"]
     assert np.array_equal(_pixels(point.dir / "generated", SEEDS), kept)  # the same seed grid and batch
     assert again == pytest.approx(fid)

@@ -294,3 +294,18 @@ def test_stale_staging_of_a_killed_process_is_removed(cli, tmp_path, command):
     assert cli(*argv, "--out", out).code == 0
     assert not stale.exists() and alive.is_dir()
     assert {p.name for p in out.iterdir()} == OUTPUTS[command] | {alive.name}
+
+
+def test_a_tracked_row_written_before_images_seen_reads_under_that_name():
+    """tracking.jsonl rows and best.json of runs made before images_seen was the one name say nimg; both read as
+    images_seen, and a row with both keeps its own images_seen."""
+    from sdmem.errors import InputError
+    from sdmem.records import TRACKED, check
+
+    row = {"epoch": 4, "step": 8, "memorization_ratio": 0.5, "memorization_ratio_ci95": [0.4, 0.6],
+           "knn_distance": 3.0, "num_generated": 10}
+    assert check(TRACKED, {**row, "nimg": 128}, "old")["images_seen"] == 128
+    assert "nimg" not in check(TRACKED, {**row, "nimg": 128}, "old")
+    assert check(TRACKED, {**row, "images_seen": 64, "nimg": 128}, "both")["images_seen"] == 64
+    with pytest.raises(InputError, match="images_seen"):
+        check(TRACKED, {**row, "nimg": -1}, "bad")

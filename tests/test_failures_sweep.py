@@ -255,11 +255,11 @@ def test_a_damaged_sweep_record_is_one_line(cli, tmp_path, damage):
                                        ({"memorization_ratio_ci95": [0.9, 0.1]}, "memorization_ratio_ci95")])
 def test_a_damaged_tracking_row_is_refused_when_the_best_snapshot_is_chosen(tmp_path, bad, field):
     from sdmem.edm.train import update_best
-    from sdmem.runs import RunPaths
+    from sdmem.edm.run import EDMPaths
 
     good = {"epoch": 4, "step": 8, "nimg": 128, "memorization_ratio": 0.5, "memorization_ratio_ci95": [0.4, 0.6],
             "knn_distance": 3.0, "num_generated": 8}
-    paths = RunPaths(tmp_path)
+    paths = EDMPaths(tmp_path)
     with pytest.raises(InputError) as exc:
         update_best(paths, [good, {**good, **bad} if "epoch" not in bad else {k: v for k, v in good.items()
                                                                               if k != "step"}])

@@ -46,7 +46,8 @@ def open_source(src: str | os.PathLike, *, resolution: int | None = None, labels
     elif os.path.isdir(name):
         from .cifar import find_batches_folder
         from .imagenette import looks_like_imagenette
-        if os.path.isfile(os.path.join(name, "subset.npz")) and os.path.isfile(os.path.join(name, "config.json")):
+        from ..runs import is_run_dir
+        if is_run_dir(name):
             # A training run folder (sdmem train): its exact training subset D, at the training resolution.
             from .npz import open_npz
             source = open_npz(os.path.join(name, "subset.npz"), **_no_split(name, split, kw))

@@ -6,15 +6,19 @@ from ..errors import InputError
 from ..kinds import Kind
 from ..records import SUBSET_INFO, TRACKED, read_record
 from ..reporting import generate_and_audit, replace_audit
-from ..runs import RunPaths
 from .config import EDMConfig
+from .run import EDMPaths
 
 
 class EDMKind(Kind):
     name = "edm"
     config = EDMConfig
+    paths = EDMPaths
     tracks_memorization = True
     numbers = ("best.json",)
+
+    def tracking_log(self, run_dir):
+        return EDMPaths(run_dir).tracking
 
     def train(self, cfg, *, progress: bool = True) -> dict:
         from .train import train
@@ -50,7 +54,7 @@ class EDMKind(Kind):
     def report(self, point, generate: dict, report: str, *, progress: bool, device: str) -> dict:
         from .config import num_params
 
-        paths = RunPaths(point.run_dir)
+        paths = EDMPaths(point.run_dir)
         info = read_record(paths.subset_info, SUBSET_INFO)
         row = {"num_params": num_params(point.config, int(info["resolution"]), int(info["label_dim"])),
                "size": int(info["size"])}
@@ -66,10 +70,10 @@ class EDMKind(Kind):
         row.update(generate_and_audit(point, generate, generate_run, progress=progress, device=device,
                                       snapshot=str(epoch)))
         meta = snapshot_info(snaps[epoch])[1]
-        row.update(epoch=epoch, step=meta["step"], images_seen=meta["nimg"])
+        row.update(epoch=epoch, step=meta["step"], images_seen=meta["images_seen"])
         return row
 
-    def _best(self, point, paths: RunPaths, progress: bool, device: str) -> dict:
+    def _best(self, point, paths: EDMPaths, progress: bool, device: str) -> dict:
         """report: best: the tracked snapshot with the highest ratio (best.json), as the paper reports; its tracked
         audit (per-sample flags) becomes the point's audit: tracking/epoch-N/audit/, or tracking/epoch-N/ itself in a
         run tracked before the images were kept."""
@@ -83,7 +87,7 @@ class EDMKind(Kind):
             replace_audit(point.dir / "audit", tracked)
         return {"memorization_ratio": best["memorization_ratio"], "memorization_ratio_low": lo,
                 "memorization_ratio_high": hi, "knn_distance": best["knn_distance"], "epoch": epoch,
-                "step": int(best["step"]), "images_seen": int(best["nimg"]),
+                "step": int(best["step"]), "images_seen": int(best["images_seen"]),
                 "num_generated": int(best["num_generated"]),
                 "fid": _best_fid(point, epoch, int(best["num_generated"]), progress, device)}
 
@@ -100,7 +104,7 @@ def _best_fid(point, epoch: int, num: int, progress: bool, device: str) -> float
         return None
     t = point.config.track
     seeds = list(range(t.seed, t.seed + num))
-    folder = tracked_generated(RunPaths(point.run_dir), epoch)
+    folder = tracked_generated(EDMPaths(point.run_dir), epoch)
     if not _holds_seeds(folder, seeds):
         folder = point.dir / "generated"
         generate_run(point.run_dir, folder, seeds=seeds, snapshot=str(epoch), batch=t.batch, steps=t.steps,

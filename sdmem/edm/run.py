@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -19,6 +20,33 @@ from .config import EDMConfig, network_kwargs
 from .precond import PRECONDS
 
 SNAPSHOT_FORMAT = "sdmem-edm-snapshot/1"
+_SNAPSHOT_RE = re.compile(r"^ema-(\d{7})\.safetensors$")
+
+
+class EDMPaths(RunPaths):
+    """An EDM run folder: the shared files, EMA snapshots for inference (``snapshots/ema-EEEEEEE.safetensors``) and
+    memorization tracking (``tracking.jsonl``, ``best.json``, ``tracking/epoch-EEEEEEE/``)."""
+
+    def __init__(self, run_dir: str | os.PathLike):
+        super().__init__(run_dir)
+        self.snapshots = self.root / "snapshots"
+        self.tracking = self.root / "tracking.jsonl"
+        self.best = self.root / "best.json"
+
+    def snapshot(self, epoch: int) -> Path:
+        return self.snapshots / f"ema-{epoch:07d}.safetensors"
+
+    def list_snapshots(self) -> dict[int, Path]:
+        """{epoch: path} of the EMA snapshots present, in epoch order."""
+        if not self.snapshots.is_dir():
+            return {}
+        found = {int(m.group(1)): p for p in self.snapshots.iterdir() if (m := _SNAPSHOT_RE.match(p.name))}
+        return dict(sorted(found.items()))
+
+    def tracking_audit(self, epoch: int) -> Path:
+        """The folder of what was tracked at the snapshot of ``epoch``: ``generated/`` (the images) and ``audit/``
+        (their audit against D; in runs tracked before the images were kept, the audit files themselves)."""
+        return self.root / "tracking" / f"epoch-{epoch:07d}"
 
 
 def build_denoiser(cfg: EDMConfig, img_resolution: int, label_dim: int) -> torch.nn.Module:
@@ -61,11 +89,13 @@ def read_safetensors(path: Path, expected_format: str) -> tuple[dict[str, torch.
 
 
 def snapshot_info(path: Path) -> tuple[EDMConfig, dict]:
-    """(config, metadata with int epoch/step/nimg/img_resolution/label_dim) of an EMA snapshot, weights unread."""
+    """(config, metadata with int epoch/step/images_seen/img_resolution/label_dim) of an EMA snapshot, weights
+    unread (the file's metadata calls images_seen nimg)."""
     meta = read_safetensors_meta(path, SNAPSHOT_FORMAT)
     try:
         cfg = stored_config(EDMConfig, json.loads(meta["config"]), f"{path}: metadata config")
         ints = {k: int(meta[k]) for k in ("epoch", "step", "nimg", "img_resolution", "label_dim")}
+        ints["images_seen"] = ints.pop("nimg")
     except (KeyError, ValueError) as exc:
         raise InputError(path, f"snapshot metadata is incomplete or corrupt ({exc.__class__.__name__}: {exc})") \
             from None
@@ -98,7 +128,7 @@ def load_snapshot(path: Path, device: str | torch.device = "cpu") -> tuple[torch
 
 def resolve_snapshot(run_dir: str | os.PathLike, which: str = "latest") -> Path:
     """The snapshot file for ``latest`` or an epoch number K."""
-    paths = RunPaths(run_dir)
+    paths = EDMPaths(run_dir)
     snaps = paths.list_snapshots()
     if not snaps:
         raise InputError(run_dir, "holds no EMA snapshots yet (snapshots/ema-*.safetensors); train longer or "

@@ -20,22 +20,23 @@ import numpy as np
 from ..data import ArraySource
 from ..data.subset import Subset
 from ..generation import Plan, generate_folder, image_name, read_manifest
-from ..runs import JsonlLog, RunPaths
+from ..runs import JsonlLog
 from ..utils import atomic_write_text
 from .config import EDMConfig
 from .generate import snapshot_plan
+from .run import EDMPaths
 
 # What an audit report writes (sdmem.audit.api.AuditReport.save): in tracking/epoch-N/ itself before the images
 # were kept, in tracking/epoch-N/audit/ since.
 REPORT_FILES = ("summary.json", "per_sample.csv", "replicas.png", "ratio_hist.png")
 
 
-def tracked_generated(paths: RunPaths, epoch: int) -> Path:
+def tracked_generated(paths: EDMPaths, epoch: int) -> Path:
     """The folder of the images tracked at the snapshot of ``epoch`` (absent in runs made before they were kept)."""
     return paths.tracking_audit(epoch) / "generated"
 
 
-def tracked_audit(paths: RunPaths, epoch: int) -> Path | None:
+def tracked_audit(paths: EDMPaths, epoch: int) -> Path | None:
     """The audit folder of the snapshot of ``epoch``: ``tracking/epoch-N/audit/``, or ``tracking/epoch-N/`` itself
     in a run tracked before the images were kept; None when neither holds a summary.json."""
     folder = paths.tracking_audit(epoch)
@@ -72,7 +73,7 @@ def tracking_plan(cfg: EDMConfig, ema, *, epoch: int, resolution: int, label_dim
                          batch=tracking_batch(cfg), steps=cfg.track.steps, dev=device, info=info)
 
 
-def _drop_stale(paths: RunPaths, epoch: int, plan: Plan, seeds: list[int]) -> None:
+def _drop_stale(paths: EDMPaths, epoch: int, plan: Plan, seeds: list[int]) -> None:
     """Before an epoch is tracked (again, after a resume): drop what an earlier attempt left that these images
     would not match. The report of the layout before images were kept goes (tracking would overwrite it); a
     generated/ made with other settings or holding other seeds goes (a resume with other track.* settings); one
@@ -87,7 +88,7 @@ def _drop_stale(paths: RunPaths, epoch: int, plan: Plan, seeds: list[int]) -> No
         shutil.rmtree(generated)
 
 
-def track_memorization(cfg: EDMConfig, paths: RunPaths, ema, subset: Subset, device, *, epoch: int, step: int,
+def track_memorization(cfg: EDMConfig, paths: EDMPaths, ema, subset: Subset, device, *, epoch: int, step: int,
                        nimg: int) -> dict:
     """Generate track.num_images with fixed seeds into tracking/epoch-N/generated/, audit them against D into
     tracking/epoch-N/audit/, log the row; keep the highest ratio."""
@@ -103,7 +104,7 @@ def track_memorization(cfg: EDMConfig, paths: RunPaths, ema, subset: Subset, dev
     # bootstraps the flags of the snapshot it reports.
     report = audit(ArraySource("D", np.asarray(subset.images)), generated, backend=cfg.track.backend,
                    out=paths.tracking_audit(epoch) / "audit", progress=False)
-    row = {"epoch": epoch, "step": step, "nimg": nimg, "memorization_ratio": report.memorization_ratio,
+    row = {"epoch": epoch, "step": step, "images_seen": nimg, "memorization_ratio": report.memorization_ratio,
            "memorization_ratio_ci95": list(report.ci95), "knn_distance": report.knn_distance,
            "num_generated": len(seeds), "time": time.time()}
     JsonlLog(paths.tracking).append(row)
@@ -111,7 +112,7 @@ def track_memorization(cfg: EDMConfig, paths: RunPaths, ema, subset: Subset, dev
     return row
 
 
-def update_best(paths: RunPaths, rows: list[dict]) -> dict | None:
+def update_best(paths: EDMPaths, rows: list[dict]) -> dict | None:
     """best.json: the tracked row with the highest memorization ratio (the first of equals), as the paper reports."""
     from ..records import TRACKED, check
 

@@ -24,7 +24,7 @@ from ..training import (Trainer, batch_indices, finish_accelerator, fit, make_op
                         step_seed, update_ema)
 from .config import EDMConfig
 from .loss import LOSSES
-from .run import build_denoiser, save_snapshot
+from .run import EDMPaths, build_denoiser, save_snapshot
 from .tracking import track_memorization, update_best
 
 EMA_REF_BATCH = 512  # train.ema_rate is per optimizer step of this many images
@@ -105,6 +105,7 @@ class EDMTrainer(Trainer):
     checkpoint kept, written every ``checkpoint_epochs``."""
 
     name = "edm"
+    files = EDMPaths
     keep_checkpoints = 1
 
     def build_subset(self) -> Subset:
@@ -223,7 +224,7 @@ def dry_run(cfg: EDMConfig) -> dict:
     """The resolved config with a top-level num_params (the subset is built to learn resolution and labels)."""
     from .config import num_params
 
-    _, subset = prepare(cfg, lambda: build_subset(cfg.data))
+    _, subset = prepare(cfg, lambda: build_subset(cfg.data), EDMPaths)
     res, label_dim = subset.images.shape[1], subset.label_dim
     return {"num_params": num_params(cfg, res, label_dim), "resolution": res, "label_dim": label_dim,
             "num_train": len(subset), **config_to_dict(cfg)}

@@ -27,17 +27,18 @@ import torch
 from ..config import fingerprint
 from ..errors import InputError
 from ..generation import Plan, generate_folder, seeded_latents
-from ..runs import RunPaths, read_json, read_run_config
+from ..runs import read_json, read_run_config
 from ..utils import resolve_device
 from .config import SDConfig
 from .data import class_prompt
 from .kernels import ContextKV
+from .run import SDPaths
 
 _ETA_STREAM = 1  # DDIM eta > 0 draws its step noise from a per-seed stream apart from the initial noise
 
 
 def class_names_of(run_dir: str | os.PathLike) -> list[str] | None:
-    info = read_json(RunPaths(run_dir).subset_info, "subset record")
+    info = read_json(SDPaths(run_dir).subset_info, "subset record")
     return info.get("class_names") if isinstance(info, dict) else None
 
 
@@ -86,7 +87,7 @@ def load_run_pipeline(run_dir: str | os.PathLike, *, snapshot: str = "final", de
     from .components import load_components, make_pipeline, quiet_diffusers
     from .. import checkpoint
 
-    cfg, paths = read_run_config(run_dir, "sd"), RunPaths(run_dir)
+    cfg, paths = read_run_config(run_dir, "sd"), SDPaths(run_dir)
     if snapshot in ("final", "latest"):
         if not paths.final.exists():
             raise InputError(run_dir, "has no final weights yet (final.json); finish training (re-run sdmem train) "
@@ -131,7 +132,7 @@ def checkpoint_step(run_dir: str | os.PathLike, snapshot: str) -> int:
         step = int(snapshot)
     except ValueError:
         raise InputError("--snapshot", f"expected final or a checkpoint step, got {snapshot!r}") from None
-    ckpts = RunPaths(run_dir).list_checkpoints()
+    ckpts = SDPaths(run_dir).list_checkpoints()
     if step not in ckpts:
         raise InputError("--snapshot", f"no checkpoint at step {step} in {run_dir}; present: {list(ckpts)}")
     return step
@@ -247,7 +248,7 @@ def run_plan(run_dir: str | os.PathLike, seeds: list[int], *, snapshot: str = "f
     batch = cfg.generate.batch if batch is None else batch
     check_options(steps=steps, guidance=guidance, batch=batch)
     snapshot = "final" if snapshot in ("final", "latest") else f"step {checkpoint_step(run_dir, snapshot)}"
-    if snapshot == "final" and not RunPaths(run_dir).final.exists():
+    if snapshot == "final" and not SDPaths(run_dir).final.exists():
         raise InputError(run_dir, "has no final weights yet (final.json); finish training (re-run sdmem train) "
                                   "or pass --snapshot STEP for a checkpoint")
     condition = class_rule(cfg, class_names_of(run_dir), class_label, min(seeds, default=0), max(len(seeds), 1))

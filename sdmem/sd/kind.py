@@ -6,13 +6,14 @@ from __future__ import annotations
 from ..kinds import Kind
 from ..records import FINAL, SUBSET_INFO, read_record
 from ..reporting import generate_and_audit
-from ..runs import RunPaths
 from .config import SDConfig
+from .run import SDPaths
 
 
 class SDKind(Kind):
     name = "sd"
     config = SDConfig
+    paths = SDPaths
     layout = (("model.method", "model.rank"), ("data.prompt", "size"))  # the paper's Table 3
 
     def train(self, cfg, *, progress: bool = True) -> dict:
@@ -44,7 +45,7 @@ class SDKind(Kind):
         from .generate import generate_run
         from .train import count_trainable
 
-        cfg, paths = point.config, RunPaths(point.run_dir)
+        cfg, paths = point.config, SDPaths(point.run_dir)
         final = read_record(paths.final, FINAL)
         pretrained = resolve_pretrained(cfg.model.pretrained, cfg.model.revision, download=False)
         row = {"num_params": count_trainable(cfg, pretrained),

@@ -13,7 +13,17 @@ from ..utils import atomic_write_text
 from .config import SDConfig
 
 
-def save_outputs(cfg: SDConfig, paths: RunPaths, comps, unet, step: int) -> dict:
+class SDPaths(RunPaths):
+    """An SD run folder: the shared files, validation images (``validation/step-N/``) and the final inference
+    weights, ``final.json`` written last."""
+
+    def __init__(self, run_dir: str | os.PathLike):
+        super().__init__(run_dir)
+        self.validation = self.root / "validation"
+        self.final = self.root / "final.json"
+
+
+def save_outputs(cfg: SDConfig, paths: SDPaths, comps, unet, step: int) -> dict:
     """The run's inference weights: the LoRA (diffusers format) or the whole pipeline (save_pretrained), then
     final.json last. The frozen parts of a full run are copied from the pretrained folder, byte for byte."""
     if cfg.model.method == "lora":

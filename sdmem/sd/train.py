@@ -17,13 +17,13 @@ import torch
 from ..config import config_to_dict
 from ..data.subset import Subset
 from ..errors import InputError
-from ..runs import JsonlLog, RunPaths, read_json
+from ..runs import JsonlLog, read_json
 from ..training import (Trainer, batch_indices, finish_accelerator, fit, make_optimizer, prepare, rank_share, set_tf32,
                         step_seed, update_ema)
 from ..utils import save_png
 from .components import make_pipeline
 from .config import SDConfig
-from .run import save_outputs
+from .run import SDPaths, save_outputs
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -128,6 +128,7 @@ class SDTrainer(Trainer):
     kept), then the final inference weights."""
 
     name = "sd"
+    files = SDPaths
 
     def __init__(self, cfg: SDConfig, *, progress: bool = True):
         super().__init__(cfg, progress=progress)
@@ -295,7 +296,7 @@ def train(cfg: SDConfig, *, progress: bool = True) -> dict:
     return fit(SDTrainer(cfg, progress=progress))
 
 
-def validate(cfg: SDConfig, paths: RunPaths, comps, unet, prompts: list[str], step: int, acc) -> Path:
+def validate(cfg: SDConfig, paths: SDPaths, comps, unet, prompts: list[str], step: int, acc) -> Path:
     """Validation images (per-seed CPU noise, as sdmem generate), saved as validation/step-N/II.png and logged."""
     from .generate import generate_images
 
@@ -326,7 +327,7 @@ def dry_run(cfg: SDConfig) -> dict:
 
     from .data import build_sd_subset
 
-    _, subset = prepare(cfg, lambda: build_sd_subset(cfg.data))
+    _, subset = prepare(cfg, lambda: build_sd_subset(cfg.data), SDPaths)
     out = {"num_train": len(subset), "num_classes": len(subset.class_names or []) or None,
            "class_names": subset.class_names, "prompts": prompt_table(cfg.data, subset.class_names),
            "images_per_step": cfg.images_per_step, "total_steps": cfg.total_steps}

@@ -80,10 +80,10 @@ def tracked_rows(run: Path) -> list[dict]:
         raise InputError(run, f"is a run of kind {kind}: its training tracks no memorization (no tracking.jsonl); "
                               "compare its audits with `sdmem compare`")
     rows = []
-    for r in read_rows(paths.tracking, TRACKED):
+    for r in read_rows(kinds.get(kind).tracking_log(run), TRACKED):
         lo, hi = ci_interval(r)
         knn = r["knn_distance"]
-        rows.append({"epoch": int(r["epoch"]), "step": int(r["step"]), "images_seen": int(r["nimg"]),
+        rows.append({"epoch": int(r["epoch"]), "step": int(r["step"]), "images_seen": int(r["images_seen"]),
                      "memorization_ratio": float(r["memorization_ratio"]), "memorization_ratio_low": float(lo),
                      "memorization_ratio_high": float(hi), "knn_distance": None if knn is None else float(knn)})
     if not rows:
