@@ -76,6 +76,10 @@ class SDTrainConfig(Section):
     # torch's fused AdamW kernel (one pass over every trained tensor; 3.8x faster than the default on CPU): updates
     # differ from the default implementation by rounding only. Runs made before this key used torch's default.
     fused_adam: bool = setting(True, before=False)
+    # Caption dropout (diffusers' --proportion_empty_prompts): each training image's prompt is replaced by the empty
+    # prompt "" with this probability (a seeded draw per image and pass), so the unconditional branch that
+    # classifier-free guidance uses trains too. Runs made before this key trained with none.
+    empty_prompt_prob: float = setting(0.0, ge=0.0, le=1.0, before=0.0)
     ema: bool = setting(True)  # EMA of the trained weights (the LoRA's, for LoRA)
     ema_decay: float = setting(0.9999, ge=0.0, lt=1.0)  # cap of diffusers' EMA warm-up min(decay, k / (k + 9))
     mixed_precision: Literal["no", "fp16", "bf16"] = setting("no", aliases={"false": "no"})

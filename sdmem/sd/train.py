@@ -26,6 +26,7 @@ from .config import SDConfig
 from .run import SDPaths, save_outputs
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+EMPTY_PROMPT_STREAM = 1  # the caption-dropout draw's own seed stream (see empty_prompt_mask)
 
 
 def ema_decay(step: int, max_decay: float) -> float:
@@ -57,6 +58,19 @@ def sd_loss(unet, noise_scheduler, mean: torch.Tensor, std: torch.Tensor, text: 
         raise InputError("model.pretrained", f"unsupported scheduler prediction_type {kind!r}")
     pred = unet(noisy, t, text, return_dict=False)[0]
     return torch.nn.functional.mse_loss(pred.float(), target.float(), reduction="mean")
+
+
+def empty_prompt_mask(seed: int, step: int, micro: int, batch: int, p: float) -> torch.Tensor:
+    """Caption dropout (train.empty_prompt_prob = p): which images of the global batch of pass ``micro`` of
+    optimizer step ``step`` (0-based) train on the empty prompt "": image i of the batch (its position in
+    batch_indices) when u_i < p, u = torch.rand(batch) from a CPU torch.Generator seeded with
+    step_seed(step_seed(seed, 0, step), micro, EMPTY_PROMPT_STREAM).
+
+    Its own stream: the noise generator and the global RNG are not touched (p = 0 never draws, so such runs are
+    as before the key). The same on every process and device: the dropped images do not depend on the number of
+    processes, each process takes its share (rank_share) and knows the step's count without a collective."""
+    gen = torch.Generator().manual_seed(step_seed(step_seed(seed, 0, step), micro, EMPTY_PROMPT_STREAM))
+    return torch.rand(batch, generator=gen) < p
 
 
 def check_resolution(cfg: SDConfig, comps) -> None:
@@ -138,6 +152,7 @@ class SDTrainer(Trainer):
         self.keep_checkpoints = cfg.train.checkpoints_total_limit
         self.nonfinite_allowance = 8 if cfg.train.mixed_precision == "fp16" else 0
         self.scaler_state = None
+        self.empty_step = self.empty_seen = 0  # empty prompts trained on: this step, the run so far
 
     def build_subset(self) -> Subset:
         from .data import build_sd_subset
@@ -187,14 +202,18 @@ class SDTrainer(Trainer):
 
     def extra_state(self) -> dict:
         scaler = self.acc.scaler
-        return {"lr_scheduler": self.lr_scheduler.state_dict(),
-                "grad_scaler": None if scaler is None else scaler.state_dict()}
+        extra = {"lr_scheduler": self.lr_scheduler.state_dict(),
+                 "grad_scaler": None if scaler is None else scaler.state_dict()}
+        if self.cfg.train.empty_prompt_prob > 0:
+            extra["empty_prompts_seen"] = self.empty_seen
+        return extra
 
     def load_extra(self, extra: dict) -> None:
         self.lr_scheduler.load_state_dict(extra["lr_scheduler"])
         for group, lr in zip(self.optimizer.param_groups, self.lr_scheduler.get_last_lr()):
             group["lr"] = lr
         self.scaler_state = extra.get("grad_scaler")
+        self.empty_seen = int(extra.get("empty_prompts_seen", 0))
 
     def finished(self) -> bool:
         return self.step >= self.total and self.paths.final.exists()
@@ -213,8 +232,11 @@ class SDTrainer(Trainer):
         self.opt = acc.prepare_optimizer(self.optimizer)
         if self.scaler_state and acc.scaler is not None:
             acc.scaler.load_state_dict(self.scaler_state)
+        # With caption dropout the empty prompt is the table's last row, encoded like the others (diffusers' pipeline
+        # encodes a negative prompt so: tokenizer("") padded to model_max_length, the text encoder's last states).
+        prompts = self.prompts + [""] if t.empty_prompt_prob > 0 else self.prompts
         self.data = (LatentCache if t.cache else Uncached)(
-            comps.vae, comps.tokenizer, comps.text_encoder, np.asarray(self.subset.images), self.prompts,
+            comps.vae, comps.tokenizer, comps.text_encoder, np.asarray(self.subset.images), prompts,
             device=self.device, dtype=torch.float32)
         self.gen = torch.Generator(device=self.device)
 
@@ -226,11 +248,12 @@ class SDTrainer(Trainer):
         torch.manual_seed(s)
         self.gen.manual_seed(s)
         loss_sum = torch.zeros((), device=self.device)
+        self.empty_step = 0
         for micro in range(accum):
             idx = rank_share(batch_indices(self.step * accum + micro, cfg.train.batch_size, len(self.subset),
                                            cfg.seed), self.rank, self.world)
             idx = torch.from_numpy(idx)
-            mean, std, text = self.data.batch(idx.to(self.device), self.prompt_idx[idx].to(self.device))
+            mean, std, text = self.data.batch(idx.to(self.device), self.prompt_rows(micro, idx).to(self.device))
             ctx = acc.no_sync(self.ddp_unet) if micro < accum - 1 else contextlib.nullcontext()
             with ctx:
                 loss = sd_loss(self.ddp_unet, self.comps.noise_scheduler, mean, std, text, self.gen,
@@ -238,6 +261,16 @@ class SDTrainer(Trainer):
                 acc.backward(loss / accum)
             loss_sum += loss.detach()
         return float(acc.reduce(loss_sum, reduction="sum")) / (self.world * accum)
+
+    def prompt_rows(self, micro: int, idx: torch.Tensor) -> torch.Tensor:
+        """The prompt-table rows of the images ``idx`` (this process's share of pass ``micro``): their own, or with
+        caption dropout the empty prompt's (the last row) where empty_prompt_mask says; counts the global batch's."""
+        rows, t = self.prompt_idx[idx], self.cfg.train
+        if t.empty_prompt_prob == 0:
+            return rows
+        mask = empty_prompt_mask(self.cfg.seed, self.step, micro, t.batch_size, t.empty_prompt_prob)
+        self.empty_step += int(mask.sum())
+        return torch.where(rank_share(mask, self.rank, self.world), len(self.prompts), rows)
 
     def update(self) -> dict:
         """Clip, AdamW and the LR schedule; then ema <- d·ema + (1 − d)·weights, with diffusers' warm-up of d."""
@@ -252,7 +285,11 @@ class SDTrainer(Trainer):
         if self.ema is not None:
             decay = ema_decay(self.step + 1, t.ema_decay)
             update_ema(self.ema, self.params, decay)
-        return {"lr": lr, "ema_decay": decay}
+        columns = {"lr": lr, "ema_decay": decay}
+        if t.empty_prompt_prob > 0:  # empty prompts trained on in this step (all processes) and in the run so far
+            self.empty_seen += self.empty_step
+            columns.update(empty_prompts=self.empty_step, empty_prompts_seen=self.empty_seen)
+        return columns
 
     def images_seen(self, step: int) -> int:
         return step * self.cfg.images_per_step
