@@ -415,6 +415,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     for study in (emm, compare, curves):
         study.add_parser(sub)
+    from .data import named
+
+    named.add_parser(sub)
     return parser
 
 

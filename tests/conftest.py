@@ -12,6 +12,7 @@ import pytest
 from helpers import STANDIN_LABEL, STANDIN_SRC, CliResult, pinned_threads, text_sha256, write_tiny_edm
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("SDMEM_DATA_URL_BASE", "http://127.0.0.1:9")  # named datasets never reach the internet
 
 @pytest.fixture
 def one_thread():

@@ -3,16 +3,19 @@
 another.
 
 Sections: assertions; torch threads; tiny EDM runs and sweeps; FID weights; Stable Diffusion LoRAs; EDM-style
-network pickles; the sharded audit. conftest.py imports this module in every session, so torch, and the sdmem
-modules that import it, are imported inside the functions that need them.
+network pickles; the sharded audit; CIFAR-10 archives. conftest.py imports this module in every session, so torch,
+and the sdmem modules that import it, are imported inside the functions that need them.
 """
 
 import collections
 import contextlib
 import functools
 import hashlib
+import io
 import pickle
 import socket
+import struct
+import tarfile
 import threading
 from pathlib import Path
 
@@ -394,3 +397,50 @@ def tricky_set(n=60, side=3, seed=0):
     queries = np.concatenate([train[[n - 5, n // 2, n - 2, 8, n - 12]], q,
                               rng.integers(0, 256, (6, d), dtype=np.uint8)])
     return queries.reshape(-1, side, side, 3), train.reshape(n, side, side, 3)
+
+
+# ----------------------------------------------------------------------------------------------- CIFAR-10 archives
+
+
+class Py2Pickler(pickle._Pickler):
+    """Writes bytes as Python 2 str opcodes (BINSTRING), like the official CIFAR-10 pickles."""
+
+    dispatch = pickle._Pickler.dispatch.copy()
+
+    def save_bytes(self, obj):
+        n = len(obj)
+        self.write((pickle.SHORT_BINSTRING + bytes([n]) if n < 256 else pickle.BINSTRING + struct.pack("<i", n))
+                   + obj)
+        self.memoize(obj)
+
+    dispatch[bytes] = save_bytes
+
+
+def py2_pickle(obj) -> bytes:
+    buf = io.BytesIO()
+    Py2Pickler(buf, protocol=2).dump(obj)
+    return buf.getvalue().replace(b"numpy._core.multiarray", b"numpy.core.multiarray")  # as numpy 1 wrote it
+
+
+def write_cifar_folder(root: Path, rng, class_names: list, *, n_train: int = 3, n_test: int = 2,
+                       archive: str | None = "cifar-10-python.tar.gz") -> dict:
+    """A miniature ``root/cifar-10-batches-py`` (data_batch_1..5 with ``n_train`` images each, test_batch with
+    ``n_test``, batches.meta: Python 2 pickles, as the official archive has them) and, unless ``archive`` is None,
+    its tar.gz ``root/ARCHIVE``. {batch name: (uint8 HWC images, labels)}."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    images = {}
+    for k, name in enumerate([f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]):
+        n = n_test if name == "test_batch" else n_train
+        hwc = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+        labels = [(k + j) % 10 for j in range(n)]
+        data = hwc.transpose(0, 3, 1, 2).reshape(n, 3072)  # CHW rows, as in the official files
+        (folder / name).write_bytes(py2_pickle({b"batch_label": name.encode(), b"labels": labels, b"data": data,
+                                                b"filenames": [b"x.png"] * n}))
+        images[name] = (hwc, labels)
+    (folder / "batches.meta").write_bytes(py2_pickle({b"label_names": [c.encode() for c in class_names],
+                                                      b"num_cases_per_batch": n_train}))
+    if archive is not None:
+        with tarfile.open(root / archive, "w:gz") as tf:
+            tf.add(folder, arcname="cifar-10-batches-py")
+    return images

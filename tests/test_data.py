@@ -6,7 +6,6 @@ import io
 import json
 import os
 import pickle
-import struct
 import sys
 import tarfile
 import zipfile
@@ -19,6 +18,8 @@ from PIL import Image
 from sdmem.data import SUPPORTED_IMAGE_EXTENSIONS, ArraySource, describe, open_source
 from sdmem.data.builtin import digits_source, lfw_source
 from sdmem.errors import InputError
+
+from helpers import write_cifar_folder
 
 RNG = np.random.default_rng(0)
 
@@ -292,47 +293,13 @@ def test_edm_bad_inputs(tmp_path):
 
 # ---------------------------------------------------------------- CIFAR-10
 
-class Py2Pickler(pickle._Pickler):
-    """Writes bytes as Python 2 str opcodes (BINSTRING), like the official CIFAR-10 pickles."""
-
-    dispatch = pickle._Pickler.dispatch.copy()
-
-    def save_bytes(self, obj):
-        n = len(obj)
-        self.write((pickle.SHORT_BINSTRING + bytes([n]) if n < 256 else pickle.BINSTRING + struct.pack("<i", n))
-                   + obj)
-        self.memoize(obj)
-
-    dispatch[bytes] = save_bytes
-
-
-def py2_pickle(obj) -> bytes:
-    buf = io.BytesIO()
-    Py2Pickler(buf, protocol=2).dump(obj)
-    return buf.getvalue().replace(b"numpy._core.multiarray", b"numpy.core.multiarray")  # as numpy 1 wrote it
-
-
 CLASSES = [f"class{i}" for i in range(10)]
 
 
 @pytest.fixture
 def cifar(tmp_path):
     """A miniature cifar-10-batches-py (3 images per train batch, 2 test) and its tar.gz."""
-    folder = tmp_path / "cifar-10-batches-py"
-    folder.mkdir()
-    images = {}
-    for k, name in enumerate([f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]):
-        n = 2 if name == "test_batch" else 3
-        hwc = RNG.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
-        labels = [(k + j) % 10 for j in range(n)]
-        data = hwc.transpose(0, 3, 1, 2).reshape(n, 3072)  # CHW rows, as in the official files
-        (folder / name).write_bytes(py2_pickle({b"batch_label": name.encode(), b"labels": labels, b"data": data,
-                                                b"filenames": [b"x.png"] * n}))
-        images[name] = (hwc, labels)
-    (folder / "batches.meta").write_bytes(py2_pickle({b"label_names": [c.encode() for c in CLASSES],
-                                                      b"num_cases_per_batch": 3}))
-    with tarfile.open(tmp_path / "cifar-10-python.tar.gz", "w:gz") as tf:
-        tf.add(folder, arcname="cifar-10-batches-py")
+    images = write_cifar_folder(tmp_path, RNG, CLASSES)
     return tmp_path, images
 
 

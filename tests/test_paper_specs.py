@@ -132,7 +132,7 @@ def test_fig11a_ffhq_resolutions_move_attention():
 def test_ffhq_specs_keep_the_ffhq_network_and_batch(name):
     # Appendix B: 128 channels at 64x64, 256 below; batch 256.
     assert grid(name, "model.channels", "model.channel_mult", "train.batch_size", "data.source") == \
-        {(128, (1, 2, 2, 2), 256, "data/ffhq")}
+        {(128, (1, 2, 2, 2), 256, "ffhq")}
 
 
 # Sec. 3.2, Fig. 2(b, c).

@@ -14,7 +14,8 @@ __all__ = ["MAX_IMAGE_PIXELS", "ArraySource", "FileSource", "ImageSource", "SUPP
 
 FORMATS = ("a folder of images (" + ", ".join(SUPPORTED_IMAGE_EXTENSIONS) + "), an .npz/.npy of uint8 images, "
            "an EDM dataset (.zip or folder with dataset.json), CIFAR-10 (cifar-10-python.tar.gz or "
-           "cifar-10-batches-py/), an Imagenette folder, an sdmem run folder, or hf:NAME[:SPLIT]")
+           "cifar-10-batches-py/), an Imagenette folder, an sdmem run folder, hf:NAME[:SPLIT], or a dataset name "
+           "(sdmem data list)")
 
 
 def open_source(src: str | os.PathLike, *, resolution: int | None = None, labels: bool = False,
@@ -28,6 +29,9 @@ def open_source(src: str | os.PathLike, *, resolution: int | None = None, labels
         from .hf import open_hf
         return open_hf(name, split=split, resolution=resolution, labels=labels)
     if not os.path.exists(name):
+        from .named import is_bare_name, resolve
+        if is_bare_name(name):  # a dataset name (cifar10, imagenette-320, ...): cached, or fetched now
+            return open_source(resolve(name), resolution=resolution, labels=labels, split=split)
         raise InputError(name, "no such file or directory")
     kw = dict(resolution=resolution, labels=labels, name=name)
     lower = name.lower().rstrip("/\\")

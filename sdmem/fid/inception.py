@@ -15,20 +15,13 @@ from pathlib import Path
 
 import numpy as np
 
+from ..cache_dir import cache_root
 from ..errors import InputError, SdmemError
 
 WEIGHTS_NAME = "weights-inception-2015-12-05-6726825d.pth"
 WEIGHTS_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/" + WEIGHTS_NAME
 FEATURE_DIM = 2048
 TORCH_FIDELITY = "torch-fidelity==0.4.0"
-
-
-def cache_root() -> Path:
-    """sdmem's cache folder: ``$SDMEM_CACHE``, else ``$XDG_CACHE_HOME/sdmem``, else ``~/.cache/sdmem``."""
-    if os.environ.get("SDMEM_CACHE"):
-        return Path(os.environ["SDMEM_CACHE"]).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "sdmem"
 
 
 def default_weights_path() -> Path:
