@@ -43,11 +43,12 @@ def resolve_device(device: str = "auto") -> str:
     return device
 
 
-def file_sha256(path: str | os.PathLike, chunk: int = 8 << 20) -> str:
-    """sha256 (hex) of a file's bytes, streamed; an unreadable file is an InputError naming it."""
+def file_digest(path: str | os.PathLike, algorithm: str = "sha256", chunk: int = 8 << 20) -> str:
+    """The hex digest of a file's bytes (hashlib's ``algorithm``), streamed; an unreadable file is an InputError
+    naming it."""
     import hashlib
 
-    h = hashlib.sha256()
+    h = hashlib.new(algorithm, usedforsecurity=False)  # a checksum, not a security check
     try:
         with open(path, "rb") as f:
             for block in iter(lambda: f.read(chunk), b""):
@@ -55,6 +56,11 @@ def file_sha256(path: str | os.PathLike, chunk: int = 8 << 20) -> str:
     except OSError as exc:
         raise InputError(path, f"unreadable ({exc.strerror or exc})") from None
     return h.hexdigest()
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 8 << 20) -> str:
+    """sha256 (hex) of a file's bytes, streamed; an unreadable file is an InputError naming it."""
+    return file_digest(path, "sha256", chunk)
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], *, fsync: bool = False) -> None:

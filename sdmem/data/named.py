@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import difflib
 import errno
-import hashlib
 import http.client
 import os
 import re
@@ -28,7 +27,7 @@ from pathlib import Path, PurePosixPath
 
 from ..cache_dir import cache_root
 from ..errors import InputError
-from ..utils import staged_folder
+from ..utils import file_digest, staged_folder
 
 URL_BASE_ENV = "SDMEM_DATA_URL_BASE"
 CHUNK = 1 << 20
@@ -353,20 +352,9 @@ def _write_error(where: Path, exc: OSError) -> CacheWriteError:
 
 # ------------------------------------------------------------------------------------------ verifying and extracting
 
-def file_md5(path: Path) -> str:
-    h = hashlib.md5(usedforsecurity=False)
-    with open(path, "rb") as f:
-        while block := f.read(8 * CHUNK):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _verify(entry: Named, archive: Path) -> None:
     """The archive's MD5 must be the published one; a mismatching file is removed."""
-    try:
-        got = file_md5(archive)
-    except OSError as exc:
-        raise InputError(archive, f"cannot read it ({_why(exc)})") from None
+    got = file_digest(archive, "md5")
     if got != entry.md5:
         size = _size(archive)
         archive.unlink(missing_ok=True)
