@@ -158,6 +158,8 @@ def _add_demo(sub) -> None:
     p.add_argument("--quick", action="store_true", help="smaller sizes and fewer steps: a first look in about a minute")
     p.add_argument("--seed", type=_nonneg_int("--seed"), default=0)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--part", default="all", choices=["all", "edm", "sd"],
+                   help="run one part: edm (|D| on digits, into DIR) or sd (LoRA ranks on the tiny SD, into DIR/sd)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_run_demo)
 
@@ -165,7 +167,8 @@ def _add_demo(sub) -> None:
 def _run_demo(args) -> int:
     from .demo import run_demo
 
-    run_demo(args.out, quick=args.quick, seed=args.seed, device=args.device, progress=not args.quiet)
+    run_demo(args.out, quick=args.quick, seed=args.seed, device=args.device, progress=not args.quiet,
+             part=args.part)
     return 0
 
 

@@ -15,6 +15,7 @@ import io
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -56,16 +57,40 @@ def demo_spec(out: Path, *, quick: bool = False, seed: int = 0, settings: dict |
     return parse_spec(raw, Path("sdmem demo"))
 
 
+PARTS = ("edm", "sd")
+
+
 def run_demo(out: str | os.PathLike = "demo_out", *, quick: bool = False, seed: int = 0, device: str = "auto",
-             progress: bool = True, settings: dict | None = None) -> dict:
-    """Run (or resume) the demo into ``out``; returns the summary written to ``out/summary.json``.
-    ``settings`` ({"sizes", "steps", "num"}) replaces the full or quick setting (tests use a tiny one)."""
+             progress: bool = True, settings: dict | None = None, part: str = "all",
+             sd_settings: dict | None = None) -> dict:
+    """Run (or resume) the demo into ``out``: the EDM |D| study (``out/``) and the SD LoRA-rank study
+    (``out/sd/``, sdmem.demo_sd), or one of them (``part``: all | edm | sd). Returns {part: its summary}.
+    ``settings`` / ``sd_settings`` replace the parts' full or quick settings (tests use tiny ones)."""
+    if part not in ("all", *PARTS):
+        raise InputError("--part", f"expected one of all, {', '.join(PARTS)}, got {part!r}")
     out = Path(out)
-    dev = resolve_device(device)
     s = settings or SETTINGS["quick" if quick else "full"]
-    spec = demo_spec(out, seed=seed, settings=s)
     open_demo_folder(out, {"quick": quick, "seed": seed, "sizes": list(s["sizes"]), "steps": s["steps"],
                            "num": s["num"]})
+    done, t0 = {}, time.time()
+    if part in ("all", "edm"):
+        done["edm"] = run_edm_demo(out, quick=quick, seed=seed, device=device, progress=progress, settings=s)
+        print(f"EDM part: {time.time() - t0:.0f} s")
+    if part in ("all", "sd"):
+        from .demo_sd import run_sd_demo
+
+        t1 = time.time()
+        done["sd"] = run_sd_demo(out / "sd", quick=quick, seed=seed, device=device, progress=progress,
+                                 settings=sd_settings)
+        print(f"SD part: {time.time() - t1:.0f} s")
+    return done
+
+
+def run_edm_demo(out: Path, *, quick: bool, seed: int, device: str, progress: bool, settings: dict) -> dict:
+    """The EDM part into ``out`` (opened by run_demo); returns the summary written to ``out/summary.json``."""
+    dev = resolve_device(device)
+    s = settings
+    spec = demo_spec(out, seed=seed, settings=s)
     say = print if progress else (lambda *_: None)
 
     # Train, track and audit one model per |D| (a sweep: resumable, each point's best snapshot reported).
@@ -118,10 +143,10 @@ def run_demo(out: str | os.PathLike = "demo_out", *, quick: bool = False, seed: 
 DEMO_FORMAT = "sdmem-demo/1"
 # What the demo writes into its folder (and an earlier sdmem, before demo.json, wrote).
 DEMO_ENTRIES = {"demo.json", "points", "results.csv", "emm.csv", "emm.png", "replicas", "summary.json",
-                "optimum_samples", "audit_optimum", "audit_heldout"}
+                "optimum_samples", "audit_optimum", "audit_heldout", "sd"}
 
 
-def open_demo_folder(out: Path, settings: dict) -> None:
+def open_demo_folder(out: Path, settings: dict, *, entries: set[str] = DEMO_ENTRIES) -> None:
     """Make ``out`` this demo's folder (demo.json: its settings), or check that it is one. Other settings (the
     full demo in the quick demo's folder, another seed) are refused, naming them; a folder that holds anything the
     demo did not write is refused, never cleaned. A demo folder of an earlier sdmem (no demo.json, but the demo's
@@ -133,10 +158,11 @@ def open_demo_folder(out: Path, settings: dict) -> None:
     if path.exists():
         old = read_record(path, DEMO)["settings"]
     elif out.is_dir() and any(out.iterdir()):
-        foreign = sorted(e.name for e in out.iterdir() if e.name not in DEMO_ENTRIES
+        foreign = sorted(e.name for e in out.iterdir() if e.name not in entries
                          and not e.name.startswith(".staging-"))
-        if foreign or not (out / "summary.json").is_file():
-            shown = ", ".join(map(repr, foreign[:3])) or "no demo summary.json"
+        if foreign or entries is not DEMO_ENTRIES or not (out / "summary.json").is_file():
+            shown = ", ".join(map(repr, foreign[:3])) or ("no demo summary.json" if entries is DEMO_ENTRIES
+                                                          else "no demo.json")
             raise InputError(out, f"is not an sdmem demo folder ({shown}): the demo writes only into an empty "
                                   "folder or its own; refusing to touch it (use another --out)")
         summary = read_json(out / "summary.json", "demo summary")

@@ -24,7 +24,7 @@ def test_the_demo_spec_trains_every_size_for_the_same_steps(tmp_path):
 def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "out"
     with pinned_threads():
-        summary = run_demo(out, settings=TINY, progress=False)
+        summary = run_demo(out, settings=TINY, progress=False, part="edm")["edm"]
     return out, summary
 
 
@@ -53,12 +53,12 @@ def test_the_demo_rows_are_the_points_own_best_snapshots(demo):
 
 def test_re_running_the_demo_resumes_without_training(demo, capsys):
     out, summary = demo
-    again = run_demo(out, settings=TINY, progress=False)
+    again = run_demo(out, settings=TINY, progress=False, part="edm")["edm"]
     assert again["models"] == summary["models"]
 
 
 @pytest.mark.slow
 def test_the_full_demo_shows_the_papers_direction(tmp_path):
-    summary = run_demo(tmp_path / "demo", progress=False)
+    summary = run_demo(tmp_path / "demo", progress=False, part="edm")["edm"]
     ratios = [m["memorization_ratio"] for m in summary["models"]]
     assert ratios[0] > 0.5 and ratios[-1] <= ratios[0] - 0.3

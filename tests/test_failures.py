@@ -102,9 +102,9 @@ def test_a_failing_demo_leaves_no_report_and_resumes(tmp_path, monkeypatch, one_
         raise InputError(tmp_path / "demo", "simulated failure after training")
     monkeypatch.setattr(sdmem.demo, "sample_optimum", fail)
     with pytest.raises(InputError, match="simulated"):
-        sdmem.demo.run_demo(tmp_path / "demo", settings=tiny, progress=False)
+        sdmem.demo.run_demo(tmp_path / "demo", settings=tiny, progress=False, part="edm")
     # The trained points stay (resumable); no report file was written.
     assert sorted(p.name for p in (tmp_path / "demo").iterdir()) == ["demo.json", "points"]  # the record of what made it
     monkeypatch.undo()
-    sdmem.demo.run_demo(tmp_path / "demo", settings=tiny, progress=False)
+    sdmem.demo.run_demo(tmp_path / "demo", settings=tiny, progress=False, part="edm")
     assert (tmp_path / "demo" / "results.csv").exists()

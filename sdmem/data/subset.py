@@ -17,8 +17,11 @@ from ..utils import atomic_write
 from . import open_source
 from .base import ImageSource, check_resolution
 from .builtin import digits_source, lfw_source
+from .photos import photos_source, pretrain_source
 
-BUILTINS: dict[str, Callable[..., ImageSource]] = {"builtin:digits": digits_source, "builtin:lfw": lfw_source}
+BUILTINS: dict[str, Callable[..., ImageSource]] = {"builtin:digits": digits_source, "builtin:lfw": lfw_source,
+                                                    "builtin:photos": photos_source,
+                                                    "builtin:pretrain-mix": pretrain_source}
 FORMAT = "sdmem-subset/1"
 # Independent seeded streams (numpy SeedSequence entropy [data.seed, stream, ...]).
 _DRAW, _RANDOM_LABELS, _BLEND = 0, 1, 2
@@ -44,7 +47,7 @@ class Subset:
 
 def open_data_source(src: str, *, split: str | None = None, resolution: int | None = None,
                      labels: bool = False, key: str = "data.source") -> ImageSource:
-    """open_source, plus the embedded sets builtin:digits and builtin:lfw; errors are prefixed with ``key``."""
+    """open_source, plus the embedded sets builtin:digits, builtin:lfw, builtin:photos and builtin:pretrain-mix; errors are prefixed with ``key``."""
     check_resolution(resolution, "data.resolution")  # named by its config key, before anything is read
     if src.startswith("builtin:"):
         if src not in BUILTINS:

@@ -2,6 +2,7 @@
 config, the tests and the benchmark.
 
     python -m sdmem.sd.tiny runs/tiny-sd                      # a local diffusers folder (about 1 MB of weights)
+    python -m sdmem.sd.tiny runs/tiny-sd --pretrained         # the same shape trained here (sdmem.sd.pretrained)
     python -m sdmem.sd.tiny --imagenette data/imagenette-tiny  # train/<wnid>/*.JPEG, 10 classes
 """
 
@@ -66,9 +67,14 @@ def tiny_pipeline(seed: int = 0):
 
 def make_tiny_sd(out_dir: str | os.PathLike, seed: int = 0) -> Path:
     """Save the tiny pipeline as a local diffusers folder (model_index.json, unet/, vae/, ...); returns it."""
+    import json
+
+    from .pretrained import FORMAT, MARKER
+
     out = Path(out_dir)
     if not (out / "model_index.json").exists():
         tiny_pipeline(seed).save_pretrained(str(out), safe_serialization=True)
+        (out / MARKER).write_text(json.dumps({"format": FORMAT, "pretrained": False, "seed": seed}) + "\n")
     return out
 
 
@@ -106,10 +112,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("out", nargs="?", metavar="OUT_DIR", help="write the tiny diffusers folder here")
     p.add_argument("--imagenette", metavar="DIR", help="write a small Imagenette-like folder here")
     p.add_argument("--per-class", type=int, default=8, help="training images per class (default 8)")
+    p.add_argument("--pretrained", action="store_true",
+                   help="the tiny SD trained here on embedded real pictures (built once, then cached; ~5 min on 2 "
+                        "CPU cores), not random weights")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
     if not args.out and not args.imagenette:
         p.error("give OUT_DIR and/or --imagenette DIR")
-    if args.out:
+    if args.pretrained and not args.out:
+        p.error("--pretrained needs OUT_DIR")
+    if args.pretrained:
+        from ..errors import InputError
+        from .pretrained import copy_pretrained, read_marker
+
+        try:
+            out = copy_pretrained(args.out, progress=not args.quiet)
+        except InputError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        m = read_marker(out)["measured"]
+        print(f"pretrained tiny Stable Diffusion in {out} (VAE held-out RMS {m['vae_heldout_rms']:.2f}, base "
+              f"replicas {100 * m['base_replica_ratio']:.1f}% of {m['base_samples']} samples)")
+    elif args.out:
         print(f"tiny Stable Diffusion in {make_tiny_sd(args.out)}")
     if args.imagenette:
         print(f"Imagenette-like folder in {make_imagenette_like(args.imagenette, args.per_class)}")
