@@ -62,10 +62,11 @@ PARTS = ("edm", "sd")
 
 def run_demo(out: str | os.PathLike = "demo_out", *, quick: bool = False, seed: int = 0, device: str = "auto",
              progress: bool = True, settings: dict | None = None, part: str = "all",
-             sd_settings: dict | None = None) -> dict:
+             sd_settings: dict | None = None, sd_recipe: dict | None = None) -> dict:
     """Run (or resume) the demo into ``out``: the EDM |D| study (``out/``) and the SD LoRA-rank study
     (``out/sd/``, sdmem.demo_sd), or one of them (``part``: all | edm | sd). Returns {part: its summary}.
-    ``settings`` / ``sd_settings`` replace the parts' full or quick settings (tests use tiny ones)."""
+    ``settings`` / ``sd_settings`` replace the parts' full or quick settings, ``sd_recipe`` the tiny SD's recipe
+    (tests use tiny ones)."""
     if part not in ("all", *PARTS):
         raise InputError("--part", f"expected one of all, {', '.join(PARTS)}, got {part!r}")
     out = Path(out)
@@ -81,7 +82,7 @@ def run_demo(out: str | os.PathLike = "demo_out", *, quick: bool = False, seed: 
 
         t1 = time.time()
         done["sd"] = run_sd_demo(out / "sd", quick=quick, seed=seed, device=device, progress=progress,
-                                 settings=sd_settings)
+                                 settings=sd_settings, recipe=sd_recipe)
         print(f"SD part: {time.time() - t1:.0f} s")
     return done
 

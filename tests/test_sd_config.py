@@ -107,8 +107,10 @@ def test_paper_configs_table3_and_smoke_config():
     assert seen == {(m, r, p, n) for m, r in [("lora", 16), ("lora", 256), ("lora", 1024), ("full", None)]
                     for p in ("plain", "class") for n in (400, 500, 800, 1000, 2000)}
     assert "prompt-class_size-400_lora-r256" in {p.name for p in pts}
-    smoke = load_config(ROOT / "train_configs/smoke/sd.yaml")
-    assert smoke.model.pretrained == "runs/tiny-sd" and smoke.data.source == "data/imagenette-tiny"
+    smoke = load_config(ROOT / "train_configs/smoke/sd_imagenette.yaml")
+    assert smoke.model.pretrained == "runs/tiny-sd-random" and smoke.data.source == "data/imagenette-tiny"
+    smoke = load_config(ROOT / "train_configs/smoke/sd.yaml")  # the pretrained tiny SD's (tests/test_sd_pretrained)
+    assert smoke.model.pretrained == "runs/tiny-sd" and smoke.data.source == "builtin:photos"
 
 
 def test_prompt_construction():
@@ -258,10 +260,10 @@ def test_smoke_config_runs_as_documented(tmp_path, monkeypatch, capsys):
     from sdmem.sd.tiny import main as tiny_main
 
     monkeypatch.chdir(tmp_path)
-    assert tiny_main(["runs/tiny-sd", "--imagenette", "data/imagenette-tiny"]) == 0
+    assert tiny_main(["runs/tiny-sd-random", "--imagenette", "data/imagenette-tiny"]) == 0
     torch.set_num_threads(1)
-    smoke = str(ROOT / "train_configs/smoke/sd.yaml")
+    smoke = str(ROOT / "train_configs/smoke/sd_imagenette.yaml")
     assert cli.main(["train", smoke, "--quiet", "--set", "train.images_seen=32", "--set",
                      "train.validation_every_steps=0"]) == 0
     assert "trained 2 steps (32 images seen) on 40 images" in capsys.readouterr().out
-    assert (tmp_path / "runs/smoke-sd/pytorch_lora_weights.safetensors").exists()
+    assert (tmp_path / "runs/smoke-sd-imagenette/pytorch_lora_weights.safetensors").exists()

@@ -74,6 +74,11 @@ def test_the_build_is_a_stock_diffusers_folder_with_its_record(cache):
     assert not any(p.name.startswith(".building") for p in entry.parent.iterdir())  # the work folder is gone
     pipe = StableDiffusionPipeline.from_pretrained(str(entry), safety_checker=None)
     assert pipe.vae_scale_factor == 1 and pipe.unet.config.sample_size == 32
+    # Zero terminal SNR with v-prediction: at t = T the latent is pure noise, as the sampler starts.
+    from sdmem.sd.components import load_components
+
+    sched = load_components(str(entry)).noise_scheduler
+    assert sched.config.prediction_type == "v_prediction" and float(sched.alphas_cumprod[-1]) < 1e-6
     out = pipe("a picture of a moon", num_inference_steps=2, height=32, width=32, output_type="np",
                generator=torch.Generator().manual_seed(0)).images
     assert out.shape == (1, 32, 32, 3) and np.isfinite(out).all()
@@ -169,3 +174,57 @@ def test_the_full_recipe_meets_its_three_targets(tmp_path, monkeypatch):
     m = json.loads((entry / P.MARKER).read_text())["measured"]
     print(f"built in {time.time() - t0:.0f} s: {m}")
     assert m["vae_heldout_rms"] <= 8 and m["base_replica_ratio"] <= 0.05
+
+
+SD_TINY = {"size": 4, "images_seen": 32, "lr_full": 1e-3, "lr_lora": 1e-3, "num": 8, "steps": 3}
+
+
+def test_the_sd_demo_part_lays_out_table_3_and_resumes(cache, tmp_path, monkeypatch, capsys):
+    """`sdmem demo --part sd` at a test scale: every point trained, generated and audited against its own D, the
+    results in Table 3's layout under DIR/sd, DIR/results.csv left to the EDM part; a re-run trains nothing."""
+    import csv
+
+    from sdmem.demo import run_demo
+    from sdmem.demo_sd import POINTS, SD_COLUMNS
+
+    out = tmp_path / "demo"
+    with pinned_threads():
+        done = run_demo(out, part="sd", progress=False, sd_settings=SD_TINY, sd_recipe=SMALL)["sd"]
+    sd = out / "sd"
+    assert not (out / "results.csv").exists() and (out / "demo.json").is_file()
+    rows = list(csv.DictReader((sd / "results.csv").open()))
+    assert tuple(rows[0]) == SD_COLUMNS and len(rows) == len(POINTS)
+    assert [(r["model.method"], r["model.rank"], r["data.prompt"]) for r in rows] == \
+        [(m, str(k) if m == "lora" else "", p) for m, k, p in POINTS]
+    for r in rows:
+        ratio, low, high = (float(r[k]) for k in ("memorization_ratio", "memorization_ratio_low",
+                                                   "memorization_ratio_high"))
+        assert 0 <= low <= ratio <= high <= 1 and float(r["knn_distance"]) > 0 and r["size"] == "4"
+    ranks = sorted({int(r["model.rank"]) for r in rows if r["model.method"] == "lora"})
+    assert ranks == [1, 8, 64]
+    lora_params = [int(r["num_params"]) for r in rows if r["model.method"] == "lora"]
+    assert lora_params == sorted(lora_params) and lora_params[0] < lora_params[-1]
+    md = (sd / "compare.md").read_text()
+    assert "model.method" in md and all((sd / f).is_file() for f in ("compare.csv", "compare.png", "summary.json"))
+    assert sorted(p.name for p in (sd / "replicas").iterdir()) == sorted(f"{r['point']}.png" for r in rows)
+    assert done["points"] == json.loads((sd / "summary.json").read_text())["points"]
+    text = capsys.readouterr().out
+    assert "LoRA r=1" in text and "full" in text
+    # A re-run resumes: nothing is trained again.
+    import sdmem.sd.train
+
+    monkeypatch.setattr(sdmem.sd.train, "train", lambda *a, **k: (_ for _ in ()).throw(AssertionError("again")))
+    again = run_demo(out, part="sd", progress=False, sd_settings=SD_TINY, sd_recipe=SMALL)["sd"]
+    assert again["points"] == done["points"]
+
+
+def test_the_sd_demo_part_refuses_a_foreign_folder_and_other_settings(cache, tmp_path):
+    from sdmem.demo_sd import run_sd_demo
+    from sdmem.errors import InputError
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    with pytest.raises(InputError, match="not an sdmem demo folder"):
+        run_sd_demo(mine, progress=False, settings=SD_TINY, recipe=SMALL)
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]

@@ -52,6 +52,13 @@ RECIPE = {
               "train": {"images_seen": 16000, "batch_size": 16, "gradient_accumulation": 1, "lr": 1e-3,
                         "lr_warmup_steps": 50, "empty_prompt_prob": 0.1, "ema_decay": 0.999,
                         "checkpoint_steps": 250, "checkpoints_total_limit": 1, "log_every_steps": 50}},
+    # Zero terminal SNR with v-prediction (Lin et al., 2024, as diffusers' rescale_betas_zero_snr): with SD's own
+    # schedule the latent keeps sqrt(alpha_bar_T) = 6.8% of the image at t = T, which on a 32 x 32 latent carries
+    # its mean colour above the noise; a model that reads it there samples shifted colours from pure noise.
+    "scheduler": {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+                  "num_train_timesteps": 1000, "prediction_type": "v_prediction", "rescale_betas_zero_snr": True,
+                  "timestep_spacing": "trailing", "steps_offset": 1, "set_alpha_to_one": False,
+                  "clip_sample": False},
     "check": {"samples": 64, "steps": 20, "guidance_scale": 3.0},
 }
 
@@ -181,7 +188,7 @@ def _build(recipe: dict, fp: str, entry: Path, *, progress: bool, log) -> Path:
 def _write_init(init: Path, vae, recipe: dict, fp: str) -> None:
     """The pipeline the UNet run starts from: the trained VAE, a random UNet of the recipe, the tiny text parts."""
     import torch
-    from diffusers import UNet2DConditionModel
+    from diffusers import DDIMScheduler, UNet2DConditionModel
 
     from .tiny import tiny_pipeline
 
@@ -190,7 +197,8 @@ def _write_init(init: Path, vae, recipe: dict, fp: str) -> None:
     torch.manual_seed(recipe["train"]["seed"])
     base.unet = UNet2DConditionModel(**recipe["unet"])
     base.vae = vae
-    base.register_modules(unet=base.unet, vae=vae)
+    base.scheduler = DDIMScheduler(**recipe["scheduler"])
+    base.register_modules(unet=base.unet, vae=vae, scheduler=base.scheduler)
     base.save_pretrained(str(init), safe_serialization=True)
     atomic_write_text(init / MARKER, json.dumps({"format": FORMAT, "pretrained": False, "fingerprint": fp,
                                                  "stage": "init"}) + "\n")
