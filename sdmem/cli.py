@@ -405,6 +405,64 @@ def describe_io_error(exc: BaseException) -> str | None:
     return None
 
 
+def _add_detect(sub) -> None:
+    p = sub.add_parser("detect", help="per-prompt memorization scores from the model alone (no training images)",
+                       description="Scores each prompt for memorization from a text-to-image model alone: wen "
+                                   "(Wen et al., ICLR 2024: the text-conditional noise prediction's magnitude at the "
+                                   "first sampling steps), aniso (Asthana & Belagiannis, ICLR 2026: that norm on pure "
+                                   "noise plus the alignment of the guidance vector with the unconditional "
+                                   "prediction at a low-noise step) and collapse (the prompt's own images collapsing "
+                                   "onto near-copies, exact nearest neighbours). Higher = more likely memorized. "
+                                   "Detection, not proof: --confirm TRAIN --top K audits the top prompts against the "
+                                   "training images. Resumable: re-run the same command.")
+    p.add_argument("--model", required=True, metavar="DIR|HUB_ID|RUN",
+                   help="an sdmem SD run, a diffusers pipeline folder, or a hub id in the local cache")
+    p.add_argument("--lora", metavar="FILE", help="a LoRA in diffusers' or kohya's format (with --model DIR|HUB_ID)")
+    p.add_argument("--prompts", required=True, metavar="FILE", help="UTF-8 text, one prompt per line")
+    p.add_argument("--method", default="all", metavar="wen|aniso|collapse|all",
+                   help="one method, a comma-separated list, or all (default); the first ranks scores.md")
+    p.add_argument("--seeds", type=_positive_int("--seeds", 64), default=4,
+                   help="noise seeds per prompt for wen and aniso (Wen et al.: 4; default 4)")
+    p.add_argument("--steps", type=_positive_int("--steps", 50), default=1,
+                   help="wen: the first K DDIM steps of a 50-step schedule averaged (their detection: 1)")
+    p.add_argument("--guidance", type=_finite_float("--guidance", 1.0, 100.0), default=7.5)
+    p.add_argument("--aniso-weights", default="1,2", metavar="G1,G2",
+                   help="aniso = G1 * norm + G2 * cosine (their SD v1 weights: 1,2; SD v2: 1,0.1)")
+    p.add_argument("--collapse-seeds", type=_positive_int("--collapse-seeds", 1024), default=16,
+                   help="collapse: images per prompt (default 16)")
+    p.add_argument("--collapse-steps", type=_positive_int("--collapse-steps", 1000), default=20,
+                   help="collapse and --confirm: DDIM steps of those images (default 20)")
+    p.add_argument("--labels", metavar="FILE", help="0/1 per prompt (1 = memorized): ROC, AUC and TPR at 1%% FPR")
+    p.add_argument("--confirm", metavar="TRAIN_SRC", help="audit the top prompts against these training images")
+    p.add_argument("--top", type=_positive_int("--top"), default=10, help="with --confirm: how many prompts")
+    p.add_argument("--confirm-num", type=_positive_int("--confirm-num", 10000), default=16,
+                   help="with --confirm: images per prompt")
+    p.add_argument("--batch", type=_positive_int("--batch", 4096), default=16, help="rows per UNet call")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_run_detect)
+
+
+def _run_detect(args) -> int:
+    from .sd.detect import METHODS, DetectSettings, run_detect
+
+    methods = METHODS if args.method == "all" else tuple(m.strip() for m in args.method.split(",") if m.strip())
+    try:
+        weights = tuple(float(x) for x in args.aniso_weights.split(","))
+    except ValueError:
+        weights = ()
+    if len(weights) != 2 or not all(math.isfinite(w) for w in weights):
+        raise InputError("--aniso-weights", f"expected two numbers G1,G2, got {args.aniso_weights!r}")
+    settings = DetectSettings(methods=methods, seeds=args.seeds, steps=args.steps, guidance_scale=args.guidance,
+                              aniso_weights=weights, collapse_seeds=args.collapse_seeds,
+                              collapse_steps=args.collapse_steps, collapse_guidance=args.guidance, batch=args.batch)
+    run_detect(args.model, args.prompts, args.out, settings=settings, lora=args.lora, labels_file=args.labels,
+               confirm=args.confirm, top=args.top, confirm_num=args.confirm_num, device=args.device,
+               progress=not args.quiet)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -418,6 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_generate(sub)
     _add_sweep(sub)
+    _add_detect(sub)
     from .study import compare, curves, emm
 
     for study in (emm, compare, curves):

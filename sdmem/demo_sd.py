@@ -28,7 +28,7 @@ POINTS = (("lora", 1, "class"), ("lora", 8, "class"), ("lora", 64, "class"), ("f
           ("full", 64, "plain"))
 # Measured on 2 CPU cores (README, "The demo's SD study"): |D|, images seen per point, learning rates, images
 # generated and audited per point.
-SD_SETTINGS = {"full": {"size": 4, "images_seen": 6400, "lr_full": 2e-3, "lr_lora": 2e-3, "num": 64},
+SD_SETTINGS = {"full": {"size": 4, "images_seen": 8000, "lr_full": 2e-3, "lr_lora": 2e-3, "num": 64},
                "quick": {"size": 4, "images_seen": 1600, "lr_full": 2e-3, "lr_lora": 2e-3, "num": 32}}
 SD_BATCH = 16
 SD_WARMUP = 25  # optimizer steps of linear warm-up, then the cosine schedule (Appendix G's) down to 0

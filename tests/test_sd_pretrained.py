@@ -228,3 +228,21 @@ def test_the_sd_demo_part_refuses_a_foreign_folder_and_other_settings(cache, tmp
     with pytest.raises(InputError, match="not an sdmem demo folder"):
         run_sd_demo(mine, progress=False, settings=SD_TINY, recipe=SMALL)
     assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+
+
+@pytest.mark.slow
+def test_the_full_sd_demo_part_shows_the_papers_direction(tmp_path, monkeypatch):
+    """`sdmem demo --part sd` as shipped (about 10 minutes on 2 cores with the tiny SD's build): the full fine-tune
+    memorizes (>= 50%), the lowest LoRA rank hardly (<= 20%), and the ratio does not fall as the rank grows (each
+    rank's interval reaches the previous rank's ratio)."""
+    from sdmem.demo_sd import run_sd_demo
+
+    monkeypatch.setenv("SDMEM_CACHE", str(tmp_path / "cache"))
+    rows = run_sd_demo(tmp_path / "sd", progress=False)["points"]
+    lora = [r for r in rows if r["model.method"] == "lora"]
+    full = [r for r in rows if r["model.method"] == "full" and r["data.prompt"] == "class"]
+    assert [r["model.rank"] for r in lora] == sorted(r["model.rank"] for r in lora)
+    assert full[0]["memorization_ratio"] >= 0.5 and lora[0]["memorization_ratio"] <= 0.2
+    for lower, higher in zip(lora, lora[1:] + full):
+        assert higher["memorization_ratio_high"] >= lower["memorization_ratio"], (lower, higher)
+    assert any(r["data.prompt"] == "plain" for r in rows)
