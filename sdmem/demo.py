@@ -28,8 +28,8 @@ from .edm.optimum import sample_optimum
 from .study.emm import estimate_emm, format_table as emm_table, write_emm
 from .study.sweep import parse_spec, points, run_sweep
 from .errors import InputError
-from .records import DEMO, read_json, read_record
 from .utils import atomic_write_text, resolve_device, staged_folder
+from .demo_folder import DEMO_ENTRIES, DEMO_FORMAT, open_demo_folder  # noqa: F401 - re-exported
 
 # The same optimizer steps for every |D|: epochs = steps · batch / |D|. Measured on 2 CPU cores (see README).
 SETTINGS = {"full": {"sizes": (20, 100, 500), "steps": 1500, "num": 500},
@@ -139,49 +139,6 @@ def run_edm_demo(out: Path, *, quick: bool, seed: int, device: str, progress: bo
     print(emm_table(emm))
     print(f"results: {out}/results.csv, emm.png (ratio against |D|), replicas/, summary.json; runs in {out}/points")
     return summary
-
-
-DEMO_FORMAT = "sdmem-demo/1"
-# What the demo writes into its folder (and an earlier sdmem, before demo.json, wrote).
-DEMO_ENTRIES = {"demo.json", "points", "results.csv", "emm.csv", "emm.png", "replicas", "summary.json",
-                "optimum_samples", "audit_optimum", "audit_heldout", "sd"}
-
-
-def open_demo_folder(out: Path, settings: dict, *, entries: set[str] = DEMO_ENTRIES) -> None:
-    """Make ``out`` this demo's folder (demo.json: its settings), or check that it is one. Other settings (the
-    full demo in the quick demo's folder, another seed) are refused, naming them; a folder that holds anything the
-    demo did not write is refused, never cleaned. A demo folder of an earlier sdmem (no demo.json, but the demo's
-    summary.json) is adopted when it holds only the demo's files and its recorded settings agree."""
-    record = {"format": DEMO_FORMAT, "settings": settings}
-    path = out / "demo.json"
-    if out.exists() and not out.is_dir():
-        raise InputError(out, "exists and is not a folder")
-    if path.exists():
-        old = read_record(path, DEMO)["settings"]
-    elif out.is_dir() and any(out.iterdir()):
-        foreign = sorted(e.name for e in out.iterdir() if e.name not in entries
-                         and not e.name.startswith(".staging-"))
-        if foreign or entries is not DEMO_ENTRIES or not (out / "summary.json").is_file():
-            shown = ", ".join(map(repr, foreign[:3])) or ("no demo summary.json" if entries is DEMO_ENTRIES
-                                                          else "no demo.json")
-            raise InputError(out, f"is not an sdmem demo folder ({shown}): the demo writes only into an empty "
-                                  "folder or its own; refusing to touch it (use another --out)")
-        summary = read_json(out / "summary.json", "demo summary")
-        old = {k: summary.get(k) for k in ("quick", "seed")} if isinstance(summary, dict) else {}
-        old.update({k: v for k, v in settings.items() if k not in old})  # an earlier demo recorded only these
-    else:
-        old = settings
-    differ = [k for k in dict.fromkeys([*settings, *old]) if settings.get(k) != old.get(k)]
-    if differ:
-        raise InputError(out, "holds a demo run with other settings (" + ", ".join(
-            f"{k} = {json.dumps(old.get(k))}, this call {json.dumps(settings.get(k))}" for k in differ)
-            + "): re-run it as it was made, or use another --out")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        if not path.exists():
-            atomic_write_text(path, json.dumps(record, indent=2) + "\n")
-    except OSError as exc:
-        raise InputError(out, f"cannot write the demo folder ({exc.strerror or exc})") from None
 
 
 def _ratio(s: dict) -> dict:

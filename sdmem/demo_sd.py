@@ -17,7 +17,7 @@ import shutil
 import time
 from pathlib import Path
 
-from .demo import open_demo_folder
+from .demo_folder import open_demo_folder
 from .study.compare import layout, load_sweep, write_compare
 from .study.sweep import parse_spec, points, run_sweep
 from .utils import atomic_write_text, resolve_device, staged_folder
@@ -26,7 +26,7 @@ from .utils import atomic_write_text, resolve_device, staged_folder
 # level, where the tiny UNet has its cross-attention), so rank 64 is a full-rank update of those matrices.
 POINTS = (("lora", 1, "class"), ("lora", 8, "class"), ("lora", 64, "class"), ("full", 64, "class"),
           ("full", 64, "plain"))
-# Measured on 2 CPU cores (README, "The demo's SD study"): |D|, images seen per point, learning rates, images
+# Measured on 2 CPU cores (README, the demo's second part): |D|, images seen per point, learning rates, images
 # generated and audited per point.
 SD_SETTINGS = {"full": {"size": 4, "images_seen": 8000, "lr_full": 2e-3, "lr_lora": 2e-3, "num": 64},
                "quick": {"size": 4, "images_seen": 1600, "lr_full": 2e-3, "lr_lora": 2e-3, "num": 32}}

@@ -266,3 +266,24 @@ def test_a_pipeline_without_an_unconditional_branch_is_refused_naming_the_method
     with pytest.raises(InputError, match="wen needs"):
         D.check_pipeline(NoText(), ("wen", "collapse"))
     D.check_pipeline(NoText(), ("collapse",))  # collapse needs only images
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="issue 18's target (wen AUC >= 0.9 on the study) not reached yet: 0.69 on "
+                                       "the first design (README, sdmem detect)")
+def test_the_detection_study_separates_memorized_prompts(tmp_path, monkeypatch):
+    """eval/detect_study.py as the README runs it (about 10 minutes on 2 cores with the tiny SD's build): the
+    pixel audit finds memorized and novel prompts, and Wen's score separates them with AUC >= 0.9."""
+    import importlib.util
+    from pathlib import Path
+
+    monkeypatch.setenv("SDMEM_CACHE", str(tmp_path / "cache"))
+    path = Path(__file__).resolve().parents[1] / "eval" / "detect_study.py"
+    spec = importlib.util.spec_from_file_location("detect_study", path)
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    assert study.main([str(tmp_path / "study")]) == 0
+    summary = json.loads((tmp_path / "study" / "detect" / "summary.json").read_text())
+    labels = [int(x) for x in (tmp_path / "study" / "labels-kept.txt").read_text().split()]
+    assert 0 < sum(labels) < len(labels)
+    assert summary["roc"]["wen"]["auc"] >= 0.9, summary["roc"]

@@ -308,7 +308,8 @@ def _plots(out: Path, table, methods, labels, curves) -> None:
             for lab, name in ((0, "label 0"), (1, "label 1 (memorized)")):
                 if (labels == lab).any():
                     ax.hist(v[labels == lab], bins=20, alpha=0.6, label=name)
-            ax.legend(fontsize=8)
+            if labels.size:
+                ax.legend(fontsize=8)
         else:
             ax.hist(v, bins=20)
         ax.set_xlabel(f"{m} score")
@@ -319,13 +320,14 @@ def _plots(out: Path, table, methods, labels, curves) -> None:
         plt.close(fig)
     if curves:
         fig, ax = plt.subplots(figsize=(4.2, 4))
-        for m, r in curves.items():
-            if r["auc"] is not None:
-                ax.plot(r["fpr"], r["tpr"], label=f"{m} (AUC {r['auc']:.3f})")
+        drawn = [m for m, r in curves.items() if r["auc"] is not None]
+        for m in drawn:
+            ax.plot(curves[m]["fpr"], curves[m]["tpr"], label=f"{m} (AUC {curves[m]['auc']:.3f})")
         ax.plot([0, 1], [0, 1], "k:", lw=0.8)
         ax.set_xlabel("false positive rate")
         ax.set_ylabel("true positive rate")
-        ax.legend(fontsize=8)
+        if drawn:
+            ax.legend(fontsize=8)
         fig.tight_layout()
         atomic_write(out / "roc.png", lambda p: fig.savefig(p, format="png", dpi=110))
         plt.close(fig)

@@ -190,7 +190,7 @@ def _write_init(init: Path, vae, recipe: dict, fp: str) -> None:
     import torch
     from diffusers import DDIMScheduler, UNet2DConditionModel
 
-    from .tiny import tiny_pipeline
+    from .tiny_model import tiny_pipeline
 
     shutil.rmtree(init, ignore_errors=True)
     base = tiny_pipeline(seed=0)
