@@ -4,8 +4,8 @@ fine-tune memorized from those it did not, judged by the pixel audit?
     python eval/detect_study.py OUT [--steps 2000] [--classes 6] [--per-class 16] [--guidance 1]
 
 1. A labelled image folder ``OUT/data``: C "copied" classes, each one 32x32 crop of a scikit-image photo copied
-   ``per-class`` times (the duplication that makes a model memorize), and C "varied" classes, each ``per-class``
-   distinct crops of one of the tiny SD's pretraining pictures.
+   ``per-class`` times (the duplication that makes a model memorize), and C "varied" classes ("mix k"), each
+   ``per-class`` distinct crops of pictures drawn at random from 15 of the tiny SD's pretraining pictures.
 2. A full fine-tune of the pretrained tiny SD on all of it with class prompts and 10% caption dropout (so the
    unconditional branch is trained too, as SD's was), through sdmem's trainer: ``OUT/run``.
 3. The ground truth: every class prompt's pixel audit against the run's training images (``detect --confirm RUN
@@ -28,7 +28,10 @@ import numpy as np
 
 
 MEMORIZED = ("astronaut", "chelsea", "coffee", "rocket", "stereo_motorcycle", "clock")  # one crop each, duplicated
-NOVEL = ("hubble_deep_field", "immunohistochemistry", "retina", "brick", "cell", "coins")  # distinct crops each
+# The varied classes' crops come from all of these at random, so that each such prompt's images vary as a large
+# dataset's do (and its mean is the data's mean), as a prompt that is not memorized sees them.
+MIXED = ("hubble_deep_field", "immunohistochemistry", "retina", "brick", "cell", "coins", "grass", "gravel", "moon",
+         "page", "text", "camera", "colorwheel", "logo", "microaneurysms")
 
 
 def make_folder(out: Path, classes: int, per_class: int, seed: int = 0) -> list[str]:
@@ -52,10 +55,12 @@ def make_folder(out: Path, classes: int, per_class: int, seed: int = 0) -> list[
         for j in range(per_class):  # the same picture, duplicated
             Image.fromarray(crop).save(tmp / name / f"{j:03d}.png")
         made.append(name)
-    for pic in NOVEL[:classes]:
-        name = pic.split("_")[-1]
+    pics = {p: picture(p) for p in MIXED}
+    for k in range(classes):
+        name = f"mix {k}"
         (tmp / name).mkdir(parents=True, exist_ok=True)
-        for j, c in enumerate(random_crops(picture(pic), per_class, 32, rng, (0.15, 0.6))):
+        for j in range(per_class):
+            c = random_crops(pics[MIXED[rng.integers(len(MIXED))]], 1, 32, rng, (0.15, 0.6))[0]
             Image.fromarray(c).save(tmp / name / f"{j:03d}.png")
         made.append(name)
     (tmp / "classes.json").write_text(json.dumps(made))

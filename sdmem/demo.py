@@ -10,8 +10,6 @@ optimum of the largest D (Eq. 2: it can only reproduce D, every sample a replica
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import os
 import shutil
@@ -30,6 +28,7 @@ from .study.sweep import parse_spec, points, run_sweep
 from .errors import InputError
 from .utils import atomic_write_text, resolve_device, staged_folder
 from .demo_folder import DEMO_ENTRIES, DEMO_FORMAT, open_demo_folder  # noqa: F401 - re-exported
+from .demo_folder import ratio_cells, text_table, write_rows_csv
 
 # The same optimizer steps for every |D|: epochs = steps · batch / |D|. Measured on 2 CPU cores (see README).
 SETTINGS = {"full": {"sizes": (20, 100, 500), "steps": 1500, "num": 500},
@@ -156,23 +155,11 @@ COLUMNS = ("model", "size", "labels", "num_params", "epoch", "images_seen", "mem
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n", extrasaction="ignore")
-    w.writeheader()
-    w.writerows(rows)
-    path.write_text(buf.getvalue())
+    write_rows_csv(path, rows, COLUMNS)
 
 
 def format_table(rows: list[dict]) -> str:
     """A terminal table: one line per trained model, then the two references."""
-    head = ("model", "|D|", "memorization ratio", "95% CI", "KNN distance")
-    lines = [head] + [(r["model"], str(r["size"]), f"{100 * r['memorization_ratio']:.1f}%",
-                       f"{100 * r['memorization_ratio_low']:.1f}-{100 * r['memorization_ratio_high']:.1f}%",
-                       f"{r['knn_distance']:.2f}") for r in rows]
-    widths = [max(len(x[i]) for x in lines) for i in range(len(head))]
-    text = ["replica iff d1/d2 < 1/3 (the paper's rule), real 8x8 digits from scikit-learn"]
-    for k, line in enumerate(lines):
-        text.append("  ".join(c.ljust(w) for c, w in zip(line, widths)))
-        if k == 0:
-            text.append("  ".join("-" * w for w in widths))
-    return "\n".join(text)
+    return text_table("replica iff d1/d2 < 1/3 (the paper's rule), real 8x8 digits from scikit-learn",
+                      ("model", "|D|", "memorization ratio", "95% CI", "KNN distance"),
+                      [(r["model"], str(r["size"]), *ratio_cells(r)) for r in rows])

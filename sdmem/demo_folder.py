@@ -1,8 +1,11 @@
-"""The demo's folder rule, shared by its two parts (sdmem.demo, sdmem.demo_sd): demo.json records the settings; a
-folder of other settings, or holding anything the demo did not write, is refused and never cleaned."""
+"""What the demo's two parts (sdmem.demo, sdmem.demo_sd) share: the folder rule (demo.json records the settings; a
+folder of other settings, or holding anything the demo did not write, is refused and never cleaned), the results
+CSV and the terminal table."""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 from pathlib import Path
 
@@ -51,3 +54,30 @@ def open_demo_folder(out: Path, settings: dict, *, entries: set[str] = DEMO_ENTR
             atomic_write_text(path, json.dumps(record, indent=2) + "\n")
     except OSError as exc:
         raise InputError(out, f"cannot write the demo folder ({exc.strerror or exc})") from None
+
+
+def write_rows_csv(path: Path, rows: list[dict], columns) -> None:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n", extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+    path.write_text(buf.getvalue())
+
+
+def ratio_cells(r: dict) -> tuple[str, str, str]:
+    """A row's memorization ratio, its 95% interval and its KNN distance, as the tables show them."""
+    return (f"{100 * r['memorization_ratio']:.1f}%",
+            f"{100 * r['memorization_ratio_low']:.1f}-{100 * r['memorization_ratio_high']:.1f}%",
+            f"{r['knn_distance']:.2f}")
+
+
+def text_table(title: str, head: tuple[str, ...], lines: list[tuple[str, ...]]) -> str:
+    """``title``, then the header, a rule and the lines, in left-aligned columns."""
+    lines = [head, *lines]
+    widths = [max(len(x[i]) for x in lines) for i in range(len(head))]
+    text = [title]
+    for k, line in enumerate(lines):
+        text.append("  ".join(c.ljust(w) for c, w in zip(line, widths)))
+        if k == 0:
+            text.append("  ".join("-" * w for w in widths))
+    return "\n".join(text)

@@ -9,15 +9,13 @@ its own D, and laid out by ``sdmem compare`` in Table 3's layout. Written under 
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import os
 import shutil
 import time
 from pathlib import Path
 
-from .demo_folder import open_demo_folder
+from .demo_folder import open_demo_folder, ratio_cells, text_table, write_rows_csv
 from .study.compare import layout, load_sweep, write_compare
 from .study.sweep import parse_spec, points, run_sweep
 from .utils import atomic_write_text, resolve_device, staged_folder
@@ -117,23 +115,11 @@ def _row(r: dict) -> dict:
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=SD_COLUMNS, lineterminator="\n", extrasaction="ignore")
-    w.writeheader()
-    w.writerows(rows)
-    path.write_text(buf.getvalue())
+    write_rows_csv(path, rows, SD_COLUMNS)
 
 
 def format_sd_table(rows: list[dict]) -> str:
-    head = ("fine-tune", "prompts", "|D|", "memorization ratio", "95% CI", "KNN distance")
-    lines = [head] + [(f"LoRA r={r['model.rank']}" if r["model.method"] == "lora" else "full", r["data.prompt"],
-                       str(r["size"]), f"{100 * r['memorization_ratio']:.1f}%",
-                       f"{100 * r['memorization_ratio_low']:.1f}-{100 * r['memorization_ratio_high']:.1f}%",
-                       f"{r['knn_distance']:.2f}") for r in rows]
-    widths = [max(len(x[i]) for x in lines) for i in range(len(head))]
-    text = ["replica iff d1/d2 < 1/3, tiny SD fine-tuned on crops of 4 photos (32x32)"]
-    for k, line in enumerate(lines):
-        text.append("  ".join(c.ljust(w) for c, w in zip(line, widths)))
-        if k == 0:
-            text.append("  ".join("-" * w for w in widths))
-    return "\n".join(text)
+    return text_table("replica iff d1/d2 < 1/3, tiny SD fine-tuned on crops of 4 photos (32x32)",
+                      ("fine-tune", "prompts", "|D|", "memorization ratio", "95% CI", "KNN distance"),
+                      [(f"LoRA r={r['model.rank']}" if r["model.method"] == "lora" else "full", r["data.prompt"],
+                        str(r["size"]), *ratio_cells(r)) for r in rows])
