@@ -1,7 +1,7 @@
 """The detection study on the pretrained tiny SD (README, "sdmem detect"): does each score separate the prompts a
 fine-tune memorized from those it did not, judged by the pixel audit?
 
-    python eval/detect_study.py OUT [--steps 2000] [--classes 6] [--per-class 16] [--guidance 1]
+    python eval/detect_study.py OUT [--steps 2000] [--classes 6] [--varied 3] [--per-class 16] [--guidance 1]
 
 1. A labelled image folder ``OUT/data``: C "copied" classes, each one 32x32 crop of a scikit-image photo copied
    ``per-class`` times (the duplication that makes a model memorize), and C "varied" classes ("mix k"), each
@@ -11,7 +11,8 @@ fine-tune memorized from those it did not, judged by the pixel audit?
 3. The ground truth: every class prompt's pixel audit against the run's training images (``detect --confirm RUN
    --top all``: 16 images each, the paper's rule); replica rate >= 80% is memorized, <= 10% novel, others left out.
 4. ``sdmem detect`` with every method on the same prompts and these labels: each method's AUC and TPR at 1% FPR,
-   printed and written to ``OUT/study.md``.
+   printed and written to ``OUT/study.md``; beside it each method's AUC on all prompts against the design's labels
+   (copied or varied).
 Resumable: every stage keeps its folder.
 """
 
@@ -27,16 +28,18 @@ from pathlib import Path
 import numpy as np
 
 
-MEMORIZED = ("astronaut", "chelsea", "coffee", "rocket", "stereo_motorcycle", "clock")  # one crop each, duplicated
+# One crop each, duplicated: colour photos, so that a copy's second-nearest training image (in the grey and textured
+# pool below) is far and the paper's rule can call it a replica.
+MEMORIZED = ("astronaut", "chelsea", "coffee", "rocket", "stereo_motorcycle", "immunohistochemistry")
 # The varied classes' crops come from all of these at random, so that each such prompt's images vary as a large
 # dataset's do (and its mean is the data's mean), as a prompt that is not memorized sees them.
-MIXED = ("hubble_deep_field", "immunohistochemistry", "retina", "brick", "cell", "coins", "grass", "gravel", "moon",
-         "page", "text", "camera", "colorwheel", "logo", "microaneurysms")
+MIXED = ("hubble_deep_field", "clock", "retina", "brick", "cell", "coins", "grass", "gravel", "moon", "page", "text",
+         "camera", "colorwheel", "logo", "microaneurysms")
 
 
-def make_folder(out: Path, classes: int, per_class: int, seed: int = 0) -> list[str]:
-    """``classes`` memorized classes (one crop of a photo, ``per_class`` copies) and as many novel ones
-    (``per_class`` distinct crops of a picture); returns the class names (memorized first)."""
+def make_folder(out: Path, classes: int, per_class: int, varied: int | None = None, seed: int = 0) -> list[str]:
+    """``classes`` copied classes (one crop of a photo, ``per_class`` copies) and ``varied`` (default: as many)
+    varied ones (``per_class`` distinct crops of random pictures); returns the class names (copied first)."""
     from PIL import Image
 
     from sdmem.data.photos import picture, random_crops
@@ -56,7 +59,7 @@ def make_folder(out: Path, classes: int, per_class: int, seed: int = 0) -> list[
             Image.fromarray(crop).save(tmp / name / f"{j:03d}.png")
         made.append(name)
     pics = {p: picture(p) for p in MIXED}
-    for k in range(classes):
+    for k in range(classes if varied is None else varied):
         name = f"mix {k}"
         (tmp / name).mkdir(parents=True, exist_ok=True)
         for j in range(per_class):
@@ -73,6 +76,7 @@ def main(argv=None) -> int:
     p.add_argument("out")
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--classes", type=int, default=6, help="memorized classes, and as many novel ones (at most 6)")
+    p.add_argument("--varied", type=int, default=3, help="varied classes (default 3)")
     p.add_argument("--per-class", type=int, default=16)
     p.add_argument("--guidance", type=float, default=1.0,
                    help="of the images audited and of collapse (wen: its steps after the first)")
@@ -87,7 +91,8 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     base = pretrained_tiny_sd()
-    names = make_folder(out / "data", args.classes, args.per_class)
+    names = make_folder(out / "data", args.classes, args.per_class, args.varied)
+    copied = args.classes
     raw = {"kind": "sd", "seed": 0, "out_dir": str(out / "run"),
            "data": {"source": str(out / "data"), "size": len(names) * args.per_class, "resolution": 32,
                     "prompt": "class", "seed": 0},
@@ -118,19 +123,25 @@ def main(argv=None) -> int:
         return 1
     t_detect = time.time() - t1
     summary = json.loads((out / "detect" / "summary.json").read_text())
-    lines = [f"# Detection study: tiny SD fully fine-tuned {args.steps} steps on {len(names) // 2} copied and "
-             f"{len(names) // 2} varied classes ({args.per_class} images each)", "",
+    # Beside it: every prompt, labelled by the design (copied = 1), whatever the audit found.
+    (out / "labels-design.txt").write_text("".join(f"{int(i < copied)}\n" for i in range(len(names))))
+    if cli.main(["detect", *common, "--labels", str(out / "labels-design.txt"), "--out", str(out / "detect-design")]):
+        return 1
+    design = json.loads((out / "detect-design" / "summary.json").read_text())
+    lines = [f"# Detection study: tiny SD fully fine-tuned {args.steps} steps on {copied} copied and "
+             f"{len(names) - copied} varied classes ({args.per_class} images each)", "",
              f"Ground truth by the pixel audit (16 images per prompt, guidance {args.guidance}): "
              f"{int(labels[keep].sum())} memorized (replica rate >= 80%), {int((1 - labels[keep]).sum())} novel "
              f"(<= 10%), {int((~keep).sum())} in between (left out).", "",
              "| prompt | kind | replica rate |", "|---|---|---|"]
-    lines += [f"| {r['prompt']} | {'copied' if i < len(names) // 2 else 'varied'} | {100 * rate[i]:.0f}% |"
+    lines += [f"| {r['prompt']} | {'copied' if i < copied else 'varied'} | {100 * rate[i]:.0f}% |"
               for i, r in enumerate(rows)]
-    lines += ["", "| method | AUC | TPR at 1% FPR |", "|---|---|---|"]
+    lines += ["", "| method | AUC (audit labels) | TPR at 1% FPR | AUC (copied vs varied, all prompts) |",
+              "|---|---|---|---|"]
     for m, r in summary.get("roc", {}).items():
         auc = "—" if r["auc"] is None else f"{r['auc']:.3f}"
         tpr = "—" if r["tpr_at_1pct_fpr"] is None else f"{100 * r['tpr_at_1pct_fpr']:.0f}%"
-        lines.append(f"| {m} | {auc} | {tpr} |")
+        lines.append(f"| {m} | {auc} | {tpr} | {design['roc'][m]['auc']:.3f} |")
     lines += ["", f"Fine-tune {t_train:.0f} s (with the tiny SD's build when not cached), detection {t_detect:.0f} s "
                   "(2 CPU cores)."]
     (out / "study.md").write_text("\n".join(lines) + "\n")

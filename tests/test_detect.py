@@ -269,11 +269,12 @@ def test_a_pipeline_without_an_unconditional_branch_is_refused_naming_the_method
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="issue 18's target (wen AUC >= 0.9 on the study) not reached yet: 0.69 on "
-                                       "the first design (README, sdmem detect)")
+@pytest.mark.xfail(strict=True, reason="issue 18's target (wen AUC >= 0.9 against the audit) not reached yet: "
+                                       "0.867 on 8 prompts (README, sdmem detect)")
 def test_the_detection_study_separates_memorized_prompts(tmp_path, monkeypatch):
     """eval/detect_study.py as the README runs it (about 10 minutes on 2 cores with the tiny SD's build): the
-    pixel audit finds memorized and novel prompts, and Wen's score separates them with AUC >= 0.9."""
+    pixel audit finds memorized and novel prompts, Wen's score separates them with AUC >= 0.9 (the issue's target),
+    and every score ranks the copied prompts above the varied ones."""
     import importlib.util
     from pathlib import Path
 
@@ -286,4 +287,6 @@ def test_the_detection_study_separates_memorized_prompts(tmp_path, monkeypatch):
     summary = json.loads((tmp_path / "study" / "detect" / "summary.json").read_text())
     labels = [int(x) for x in (tmp_path / "study" / "labels-kept.txt").read_text().split()]
     assert 0 < sum(labels) < len(labels)
+    design = json.loads((tmp_path / "study" / "detect-design" / "summary.json").read_text())
+    assert all(design["roc"][m]["auc"] >= 0.9 for m in ("wen", "aniso", "collapse")), design["roc"]
     assert summary["roc"]["wen"]["auc"] >= 0.9, summary["roc"]
