@@ -68,20 +68,16 @@ def grid_crops(img: np.ndarray, k: int, res: int) -> np.ndarray:
                      for i in range(k) for j in range(k)])
 
 
-def _grey_set(images: np.ndarray, res: int) -> np.ndarray:
-    return np.stack([np.repeat(_resize(a, res)[..., None], 3, axis=-1) for a in images])
-
-
 def pretrain_images(res: int = 32, per_picture: int = 200, seed: int = 0) -> tuple[np.ndarray, np.ndarray, list]:
-    """The tiny SD's training set: the 1797 digits, the 100 lfw faces (and their mirror images) and ``per_picture``
-    random crops of each
-    PRETRAIN picture, at ``res``; returns (uint8 N x res x res x 3, labels, class names)."""
-    from sklearn.datasets import load_digits
-    from skimage.data import lfw_subset
+    """The tiny SD's training set: the 1797 digits (builtin:digits), the 100 lfw faces (builtin:lfw) and their mirror
+    images, and ``per_picture`` random crops of each PRETRAIN picture, at ``res``; returns (uint8 N x res x res x 3,
+    labels, class names)."""
+    from .builtin import digits_source, lfw_source
 
     rng = np.random.default_rng(seed)
-    digits = _grey_set(np.round(load_digits().images * (255 / 16)).astype(np.uint8), res)
-    faces = _grey_set(np.round(np.clip(lfw_subset()[:100], 0, 1) * 255).astype(np.uint8), res)
+    digits, lfw = digits_source(), lfw_source()
+    digits = np.stack([_resize(a, res) for a in digits.read_range(0, len(digits))])
+    faces = np.stack([_resize(a, res) for a in lfw.read_range(0, 100)])  # lfw_subset's first 100 are the faces
     faces = np.concatenate([faces, faces[:, :, ::-1]])  # and mirrored: 200, as many as each picture's crops
     parts = [digits, faces] + [random_crops(picture(p), per_picture, res, rng) for p in PRETRAIN.values()]
     labels = np.repeat(np.arange(len(parts), dtype=np.int64), [len(p) for p in parts])
