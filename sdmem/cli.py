@@ -456,7 +456,7 @@ def _run_detect(args) -> int:
         raise InputError("--aniso-weights", f"expected two numbers G1,G2, got {args.aniso_weights!r}")
     settings = DetectSettings(methods=methods, seeds=args.seeds, steps=args.steps, guidance_scale=args.guidance,
                               aniso_weights=weights, collapse_seeds=args.collapse_seeds,
-                              collapse_steps=args.collapse_steps, collapse_guidance=args.guidance, batch=args.batch)
+                              collapse_steps=args.collapse_steps, batch=args.batch)
     run_detect(args.model, args.prompts, args.out, settings=settings, lora=args.lora, labels_file=args.labels,
                confirm=args.confirm, top=args.top, confirm_num=args.confirm_num, device=args.device,
                progress=not args.quiet)

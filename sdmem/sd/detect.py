@@ -47,7 +47,11 @@ GRADIENT_FREE = ("collapse",)
 CITATIONS = {"wen": "Wen et al., ICLR 2024 (arXiv:2407.21720)",
              "aniso": "Asthana & Belagiannis, ICLR 2026 (arXiv:2601.20642)",
              "collapse": "after Carlini et al., USENIX Security 2023 (arXiv:2301.13188)"}
-MAX_SEEDS, MAX_STEPS = 64, 50
+MAX_SEEDS = 64
+# The values each method records per prompt (parts/<method>.jsonl) and their scores.csv columns; the first is the
+# score itself.
+COLUMNS = {"wen": ("wen",), "aniso": ("aniso", "aniso_norm", "aniso_cosine"),
+           "collapse": ("collapse", "collapse_median_nn")}
 
 
 @dataclass(frozen=True)
@@ -56,11 +60,10 @@ class DetectSettings:
     seeds: int = 4                 # noise seeds 0..seeds-1 for every prompt (wen, aniso)
     steps: int = 1                 # wen: the first K sampling steps
     schedule_steps: int = 50       # the DDIM schedule the steps are taken from (both papers: 50)
-    guidance_scale: float = 7.5    # wen: the guidance of the sampling steps
+    guidance_scale: float = 7.5    # wen's sampling steps, and the collapse and --confirm images
     aniso_weights: tuple[float, float] = (1.0, 2.0)
     collapse_seeds: int = 16       # collapse: images per prompt
-    collapse_steps: int = 20       # collapse: DDIM steps of those images
-    collapse_guidance: float = 7.5
+    collapse_steps: int = 20       # collapse and --confirm: DDIM steps of those images
     batch: int = 16                # rows (prompt x seed) per UNet call
 
     def check(self) -> None:
@@ -75,11 +78,11 @@ class DetectSettings:
                                       ("--batch", self.batch, 1, 4096)):
             if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
                 raise InputError(key, f"expected an integer in [{low}, {high}], got {value!r}")
-        for key, value in (("--guidance", self.guidance_scale), ("--collapse-guidance", self.collapse_guidance),
-                           ("--aniso-weights", self.aniso_weights[0]), ("--aniso-weights", self.aniso_weights[1])):
+        for key, value in (("--guidance", self.guidance_scale), ("--aniso-weights", self.aniso_weights[0]),
+                           ("--aniso-weights", self.aniso_weights[1])):
             if not (isinstance(value, (int, float)) and math.isfinite(value)):
                 raise InputError(key, f"expected a finite number, got {value!r}")
-        if self.guidance_scale < 1 or self.collapse_guidance < 1:
+        if self.guidance_scale < 1:
             raise InputError("--guidance", "expected a guidance scale >= 1")
 
     def record(self) -> dict:
@@ -91,12 +94,10 @@ class DetectSettings:
 
 def read_labels(path: str | os.PathLike, count: int) -> np.ndarray:
     """``--labels FILE``: one 0 or 1 per non-blank line, as many as prompts."""
+    from .foreign import read_lines
+
     path = Path(path)
-    try:
-        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    except (OSError, UnicodeDecodeError) as exc:
-        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc.__class__.__name__
-        raise InputError(path, f"unreadable labels file ({why}; expected UTF-8 text, one 0 or 1 per line)") from None
+    lines = read_lines(path, "labels file", "one 0 or 1 per line")
     bad = next((k for k, line in enumerate(lines) if line not in ("0", "1")), None)
     if bad is not None:
         raise InputError(path, f"label {bad + 1} is {lines[bad][:20]!r}; expected 0 or 1 (1 = memorized)")
@@ -150,27 +151,35 @@ def _latents(pipe, seeds: list[int], resolution: int, sched):
     return lat * sched.init_noise_sigma
 
 
+def _row_batches(pipe, prompts, embed, settings: DetectSettings, resolution: int, sched, rows):
+    """(rows, conditional embeddings, unconditional embeddings, pure-noise latents) per UNet batch of rows."""
+    rows = rows if rows is not None else _rows(prompts, settings.seeds)
+    uncond = embed([""])
+    for i in range(0, len(rows), settings.batch):
+        chunk = rows[i:i + settings.batch]
+        yield (chunk, embed([prompts[p] for p, _ in chunk]), uncond.expand(len(chunk), -1, -1),
+               _latents(pipe, [s for _, s in chunk], resolution, sched))
+
+
+def _mean_per_prompt(values: dict[int, list]) -> dict[int, tuple[float, ...]]:
+    """Each prompt's values averaged over its seeds."""
+    return {p: tuple(float(x) for x in np.mean(np.asarray(v, np.float64), axis=0)) for p, v in values.items()}
+
+
 def wen_scores(pipe, prompts: list[str], embed, settings: DetectSettings, resolution: int, rows=None) -> dict:
     """{prompt index: mean over seeds and the first K steps of ||pred_c - pred_u||_2} for the rows given."""
     sched = _schedule(pipe, settings.schedule_steps)
-    rows = rows if rows is not None else _rows(prompts, settings.seeds)
-    uncond = embed([""])
-    sums: dict[int, list[float]] = {}
-    for i in range(0, len(rows), settings.batch):
-        chunk = rows[i:i + settings.batch]
-        cond = embed([prompts[p] for p, _ in chunk])
-        lat = _latents(pipe, [s for _, s in chunk], resolution, sched)
+    values: dict[int, list[tuple[float]]] = {}
+    for chunk, cond, uncond, lat in _row_batches(pipe, prompts, embed, settings, resolution, sched, rows):
         total = torch.zeros(len(chunk), dtype=torch.float64)
         for k, t in enumerate(sched.timesteps[:settings.steps]):
-            x = sched.scale_model_input(lat, t)
-            pu, pc = _unet_pair(pipe, x, t, cond, uncond.expand(len(chunk), -1, -1))
-            g = (pc - pu).float()
-            total += g.flatten(1).norm(dim=1).double().cpu()
+            pu, pc = _unet_pair(pipe, sched.scale_model_input(lat, t), t, cond, uncond)
+            total += (pc - pu).float().flatten(1).norm(dim=1).double().cpu()
             if k + 1 < settings.steps:
                 lat = sched.step(pu + settings.guidance_scale * (pc - pu), t, lat).prev_sample
         for (p, _), v in zip(chunk, (total / settings.steps).tolist()):
-            sums.setdefault(p, []).append(v)
-    return {p: float(np.mean(v)) for p, v in sums.items()}
+            values.setdefault(p, []).append((v,))
+    return {p: v[0] for p, v in _mean_per_prompt(values).items()}
 
 
 def aniso_scores(pipe, prompts: list[str], embed, settings: DetectSettings, resolution: int, rows=None) -> dict:
@@ -178,26 +187,16 @@ def aniso_scores(pipe, prompts: list[str], embed, settings: DetectSettings, reso
     channel cosine between pred_u and pred_c - pred_u at the third-last timestep, both on pure noise x_T."""
     sched = _schedule(pipe, settings.schedule_steps)
     t_norm, t_cos = sched.timesteps[0], sched.timesteps[-3]
-    rows = rows if rows is not None else _rows(prompts, settings.seeds)
-    uncond = embed([""])
     g1, g2 = settings.aniso_weights
-    parts: dict[int, list[tuple[float, float]]] = {}
-    for i in range(0, len(rows), settings.batch):
-        chunk = rows[i:i + settings.batch]
-        cond = embed([prompts[p] for p, _ in chunk])
-        un = uncond.expand(len(chunk), -1, -1)
-        lat = _latents(pipe, [s for _, s in chunk], resolution, sched)
-        pu, pc = _unet_pair(pipe, sched.scale_model_input(lat, t_norm), t_norm, cond, un)
+    values: dict[int, list[tuple[float, float]]] = {}
+    for chunk, cond, uncond, lat in _row_batches(pipe, prompts, embed, settings, resolution, sched, rows):
+        pu, pc = _unet_pair(pipe, sched.scale_model_input(lat, t_norm), t_norm, cond, uncond)
         norm = (pc - pu).float().flatten(1).norm(dim=1)
-        pu, pc = _unet_pair(pipe, sched.scale_model_input(lat, t_cos), t_cos, cond, un)
+        pu, pc = _unet_pair(pipe, sched.scale_model_input(lat, t_cos), t_cos, cond, uncond)
         cos = torch.nn.functional.cosine_similarity(pu.float(), (pc - pu).float(), dim=1).flatten(1).mean(dim=1)
         for (p, _), n, c in zip(chunk, norm.tolist(), cos.tolist()):
-            parts.setdefault(p, []).append((n, c))
-    out = {}
-    for p, v in parts.items():
-        n, c = (float(x) for x in np.mean(np.asarray(v), axis=0))
-        out[p] = (g1 * n + g2 * c, n, c)
-    return out
+            values.setdefault(p, []).append((n, c))
+    return {p: (g1 * n + g2 * c, n, c) for p, (n, c) in _mean_per_prompt(values).items()}
 
 
 def collapse_score(images: np.ndarray) -> tuple[float, float]:
@@ -231,14 +230,7 @@ def roc(scores: np.ndarray, labels: np.ndarray) -> dict:
 
 
 def score_columns(methods) -> list[str]:
-    cols = []
-    for m in methods:
-        cols.append(m)
-        if m == "aniso":
-            cols += ["aniso_norm", "aniso_cosine"]
-        if m == "collapse":
-            cols.append("collapse_median_nn")
-    return cols
+    return [c for m in methods for c in COLUMNS[m]]
 
 
 def write_report(out: Path, prompts: list[str], table: dict[str, dict], methods, *, labels=None,
@@ -441,9 +433,6 @@ def _append(path: Path, rows: dict[int, list[float]]) -> None:
         os.fsync(f.fileno())
 
 
-WIDTH = {"wen": 1, "aniso": 3, "collapse": 2}
-
-
 def run_detect(model, prompts_file, out, *, settings: DetectSettings = DetectSettings(), lora=None,
                labels_file=None, confirm=None, top: int = 10, confirm_num: int = 16, device: str = "auto",
                progress: bool = True, log=print) -> dict:
@@ -485,7 +474,7 @@ def run_detect(model, prompts_file, out, *, settings: DetectSettings = DetectSet
     per_chunk = max(1, settings.batch // settings.seeds)
     for m in settings.methods:
         part = out / "parts" / f"{m}.jsonl"
-        done = _read_part(part, len(prompts), WIDTH[m])
+        done = _read_part(part, len(prompts), len(COLUMNS[m]))
         todo = [i for i in range(len(prompts)) if i not in done]
         bar = tqdm(total=len(prompts), initial=len(done), desc=m, unit="prompt", disable=not progress)
         step = 1 if m == "collapse" else per_chunk
@@ -498,7 +487,7 @@ def run_detect(model, prompts_file, out, *, settings: DetectSettings = DetectSet
 
                     seeds = list(range(settings.collapse_seeds))
                     imgs = generate_images(pipe, [prompts[idx[0]]] * len(seeds), seeds, resolution=resolution,
-                                           steps=settings.collapse_steps, guidance_scale=settings.collapse_guidance)
+                                           steps=settings.collapse_steps, guidance_scale=settings.guidance_scale)
                     new = {idx[0]: list(collapse_score(imgs))}
                 else:
                     rows = [(p, s) for p in idx for s in range(settings.seeds)]
@@ -524,15 +513,8 @@ def run_detect(model, prompts_file, out, *, settings: DetectSettings = DetectSet
 
 
 def _table(results, methods, count) -> dict[str, list[float]]:
-    table: dict[str, list[float]] = {}
-    for m in methods:
-        rows = [results[m][i] for i in range(count)]
-        table[m] = [r[0] for r in rows]
-        if m == "aniso":
-            table["aniso_norm"], table["aniso_cosine"] = [r[1] for r in rows], [r[2] for r in rows]
-        if m == "collapse":
-            table["collapse_median_nn"] = [r[1] for r in rows]
-    return table
+    """{column: its value for every prompt, in prompt order}."""
+    return {col: [results[m][i][k] for i in range(count)] for m in methods for k, col in enumerate(COLUMNS[m])}
 
 
 def _confirm(out, prompts, scores, train_src, top, num, settings, resolution, ready, progress) -> dict:
@@ -555,7 +537,7 @@ def _confirm(out, prompts, scores, train_src, top, num, settings, resolution, re
         pipe = ready()
         with torch.no_grad():
             imgs = generate_images(pipe, [prompts[i]] * num, list(range(num)), resolution=resolution,
-                                   steps=settings.collapse_steps, guidance_scale=settings.collapse_guidance)
+                                   steps=settings.collapse_steps, guidance_scale=settings.guidance_scale)
         rep = audit(train, imgs, progress=False)
         s = rep.summary()
         nearest = int(np.bincount(np.asarray(rep.nn1_index, np.int64)).argmax())  # the most frequent nearest

@@ -316,15 +316,22 @@ def load_lora(pipe, path: Path) -> None:
 # ----------------------------------------------------------------------------------------------------- prompts
 
 
-def read_prompts(path: str | os.PathLike) -> list[str]:
-    """The prompts of a text file: one per line, stripped, blank lines ignored."""
+def read_lines(path: str | os.PathLike, what: str, expected: str) -> list[str]:
+    """The non-blank lines of a UTF-8 text file, stripped; an unreadable one is an InputError naming ``what`` (e.g.
+    "prompts file") and what was ``expected`` (e.g. "one prompt per line")."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc.__class__.__name__
-        raise InputError(path, f"unreadable prompts file ({why}; expected UTF-8 text, one prompt per line)") from None
-    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+        raise InputError(path, f"unreadable {what} ({why}; expected UTF-8 text, {expected})") from None
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def read_prompts(path: str | os.PathLike) -> list[str]:
+    """The prompts of a text file: one per line, stripped, blank lines ignored."""
+    path = Path(path)
+    prompts = read_lines(path, "prompts file", "one prompt per line")
     if not prompts:
         raise InputError(path, "holds no prompt (expected one prompt per line; blank lines are ignored)")
     return prompts
