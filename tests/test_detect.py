@@ -208,6 +208,19 @@ def test_confirm_audits_the_top_prompts_against_the_training_images(tiny, tmp_pa
     rows = {r["prompt"]: r for r in csv.DictReader((out / "scores.csv").open())}
     assert float(rows[PROMPTS[0]]["replica_rate"]) == 1.0 and float(rows[PROMPTS[0]]["knn_distance"]) == 0.0
     assert all(0 <= float(rows[p]["replica_rate"]) <= 1 and rows[p]["nearest_train"] for p in PROMPTS)
+    # Another confirmation into the same folder (other images per prompt, another training set): refused, not
+    # mixed with the rows above.
+    capsys.readouterr()
+    np.savez(tmp_path / "other.npz", images=train[::-1].copy())
+    for flag, value in (("--confirm-num", "5"), ("--confirm", str(tmp_path / "other.npz"))):
+        args = ["detect", "--model", str(tiny["model"]), "--prompts", str(tiny["prompts"]), "--method", "collapse",
+                "--collapse-seeds", "4", "--collapse-steps", "3", "--confirm", str(tmp_path / "train.npz"), "--top",
+                "5", "--confirm-num", "4", "--out", str(out), "--quiet"]
+        args[args.index(flag) + 1] = value
+        before = (out / "scores.csv").read_text()
+        assert cli.main(args) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "other" in err[0] and (out / "scores.csv").read_text() == before
 
 
 @pytest.mark.parametrize("case", ["empty", "binary", "labels-count", "labels-value", "seeds", "steps", "method",

@@ -529,6 +529,8 @@ def _confirm(out, prompts, scores, train_src, top, num, settings, resolution, re
     except InputError as exc:
         raise InputError(f"--confirm: {exc.where}", exc.problem) from None
     part = out / "parts" / "confirm.jsonl"
+    _confirm_record(out / "parts" / "confirm.json", {"train": _source_name(train_src), "train_images": len(train),
+                                                     "images_per_prompt": num})
     order = sorted(range(len(prompts)), key=lambda i: -scores[i])[:top]
     done = _read_part(part, len(prompts), 3)
     for i in order:
@@ -548,3 +550,30 @@ def _confirm(out, prompts, scores, train_src, top, num, settings, resolution, re
     return {i: {"replica_rate": done[i][0], "knn_distance": done[i][1],
                 "nearest_train": (files[int(done[i][2])] if files is not None else str(int(done[i][2])))}
             for i in order}
+
+
+def _source_name(src) -> str:
+    """A training SRC as recorded: an existing path made absolute, anything else (a dataset name, hf:) as given."""
+    name = os.fspath(src)
+    return str(Path(name).resolve()) if os.path.exists(name) else name
+
+
+def _confirm_record(path: Path, record: dict) -> None:
+    """The confirmation's training set and image count (parts/confirm.json, written with its first row): rows of
+    another confirmation in the same folder are refused, never mixed."""
+    if path.exists():
+        try:
+            old = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(old, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError, UnicodeDecodeError) as exc:
+            raise InputError(path, f"unreadable confirmation record ({exc.__class__.__name__}); move the folder "
+                                   "away to start again") from None
+        differ = [k for k in sorted(set(old) | set(record)) if old.get(k) != record.get(k)]
+        if differ:
+            raise InputError(path.parent.parent, f"holds a confirmation with other {', '.join(differ)} "
+                                                 f"({', '.join(f'{k} = {old.get(k)!r}' for k in differ)}); use "
+                                                 "another --out")
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(record, indent=2) + "\n")
