@@ -72,17 +72,19 @@ def run_demo(out: str | os.PathLike = "demo_out", *, quick: bool = False, seed: 
     s = settings or SETTINGS["quick" if quick else "full"]
     open_demo_folder(out, {"quick": quick, "seed": seed, "sizes": list(s["sizes"]), "steps": s["steps"],
                            "num": s["num"]})
-    done, t0 = {}, time.time()
-    if part in ("all", "edm"):
-        done["edm"] = run_edm_demo(out, quick=quick, seed=seed, device=device, progress=progress, settings=s)
-        print(f"EDM part: {time.time() - t0:.0f} s")
-    if part in ("all", "sd"):
+    def run_sd():
         from .demo_sd import run_sd_demo
 
-        t1 = time.time()
-        done["sd"] = run_sd_demo(out / "sd", quick=quick, seed=seed, device=device, progress=progress,
-                                 settings=sd_settings, recipe=sd_recipe)
-        print(f"SD part: {time.time() - t1:.0f} s")
+        return run_sd_demo(out / "sd", quick=quick, seed=seed, device=device, progress=progress,
+                           settings=sd_settings, recipe=sd_recipe)
+
+    runners = {"edm": lambda: run_edm_demo(out, quick=quick, seed=seed, device=device, progress=progress,
+                                           settings=s), "sd": run_sd}
+    done = {}
+    for name in PARTS if part == "all" else (part,):
+        t0 = time.time()
+        done[name] = runners[name]()
+        print(f"{name.upper()} part: {time.time() - t0:.0f} s")
     return done
 
 
